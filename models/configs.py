@@ -1,0 +1,189 @@
+"""Model configurations: the ViT variants of the paper as plain, locked data.
+
+Sizes follow Dosovitskiy et al. 2021, table 1 (Ti and S from Steiner et al. 2021, "How to train your
+ViT"). Every config is an ``ml_collections.ConfigDict`` so that code written for the reference
+implementation (``CONFIGS["ViT-B_16"].hidden_size``) keeps working; ``apply_overrides`` changes a
+copy from ``KEY=VALUE`` strings and refuses keys that do not exist.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import ml_collections
+
+# name: (hidden_size, mlp_dim, num_heads, num_layers)
+_WIDTHS = {
+    "Ti": (192, 768, 3, 12),
+    "S": (384, 1536, 6, 12),
+    "B": (768, 3072, 12, 12),
+    "L": (1024, 4096, 16, 24),
+    "H": (1280, 5120, 16, 32),
+}
+
+
+def _vit(width: str, patch: int, hidden_size: int | None = None) -> ml_collections.ConfigDict:
+    hidden, mlp_dim, heads, layers = _WIDTHS[width]
+    config = ml_collections.ConfigDict()
+    config.patches = ml_collections.ConfigDict({"size": (patch, patch)})
+    config.hidden_size = hidden if hidden_size is None else hidden_size
+    config.transformer = ml_collections.ConfigDict()
+    config.transformer.mlp_dim = mlp_dim
+    config.transformer.num_heads = heads
+    config.transformer.num_layers = layers
+    config.transformer.attention_dropout_rate = 0.0
+    config.transformer.dropout_rate = 0.1
+    config.classifier = "token"
+    # Set to an int to keep the tanh pre-logits layer that ImageNet-21k pre-training uses.
+    config.representation_size = ml_collections.FieldReference(None, field_type=int)
+    return config
+
+
+def _hybrid(
+    width: str, num_layers: tuple[int, ...], width_factor: int = 1
+) -> ml_collections.ConfigDict:
+    """A BiT ResNet stem whose feature map is embedded with 1x1 patches, as in Google's code."""
+    config = _vit(width, 1)
+    config.resnet = ml_collections.ConfigDict()
+    config.resnet.num_layers = num_layers
+    config.resnet.width_factor = width_factor
+    return config
+
+
+def get_testing() -> ml_collections.ConfigDict:
+    """A tiny model for tests: two layers of width 16 on 4x4 patches."""
+    config = _vit("Ti", 4)
+    config.hidden_size = 16
+    config.transformer.mlp_dim = 32
+    config.transformer.num_heads = 2
+    config.transformer.num_layers = 2
+    return config
+
+
+def get_ti16_config() -> ml_collections.ConfigDict:
+    return _vit("Ti", 16)
+
+
+def get_s16_config() -> ml_collections.ConfigDict:
+    return _vit("S", 16)
+
+
+def get_b16_config() -> ml_collections.ConfigDict:
+    return _vit("B", 16)
+
+
+def get_b32_config() -> ml_collections.ConfigDict:
+    return _vit("B", 32)
+
+
+def get_l16_config() -> ml_collections.ConfigDict:
+    return _vit("L", 16)
+
+
+def get_l32_config() -> ml_collections.ConfigDict:
+    return _vit("L", 32)
+
+
+def get_h14_config() -> ml_collections.ConfigDict:
+    return _vit("H", 14)
+
+
+def get_r50_b16_config() -> ml_collections.ConfigDict:
+    """R50+ViT-B/16: ResNet-50 stages (3, 4, 9), stride 16, so 14x14 tokens at 224 px."""
+    return _hybrid("B", (3, 4, 9))
+
+
+CONFIGS: dict[str, ml_collections.ConfigDict] = {
+    "ViT-Ti_16": get_ti16_config(),
+    "ViT-S_16": get_s16_config(),
+    "ViT-B_16": get_b16_config(),
+    "ViT-B_32": get_b32_config(),
+    "ViT-L_16": get_l16_config(),
+    "ViT-L_32": get_l32_config(),
+    "ViT-H_14": get_h14_config(),
+    "R50-ViT-B_16": get_r50_b16_config(),
+    "testing": get_testing(),
+}
+for _config in CONFIGS.values():
+    _config.lock()
+
+
+class ConfigOverrideError(ValueError):
+    """A ``KEY=VALUE`` override that names no field or gives a value of the wrong type."""
+
+
+def _leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            keys += _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(prefix + key)
+    return keys
+
+
+def _parse_scalar(text: str, like: object, key: str, field_type: type | None) -> object:
+    kind = field_type if like is None and field_type is not None else type(like)
+    if like is None and text.lower() == "none":
+        return None
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        if kind in (int, float, str):
+            return kind(text)
+    except ValueError:
+        raise ConfigOverrideError(
+            f"--config {key}={text}: expected a value of type {kind.__name__}"
+        ) from None
+    raise ConfigOverrideError(f"--config {key}: fields of type {kind.__name__} cannot be set")
+
+
+def _parse_value(text: str, current: object, key: str, field_type: type | None) -> object:
+    if isinstance(current, tuple):
+        parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+        if len(parts) != len(current):
+            raise ConfigOverrideError(
+                f"--config {key}={text}: expected {len(current)} comma-separated values "
+                f"like {','.join(map(str, current))}"
+            )
+        return tuple(
+            _parse_scalar(p.strip(), c, key, None) for p, c in zip(parts, current, strict=True)
+        )
+    return _parse_scalar(text, current, key, field_type)
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Iterable[str]
+) -> ml_collections.ConfigDict:
+    """Return a copy of ``config`` with ``KEY=VALUE`` overrides applied, each type-checked.
+
+    Keys are dotted paths of existing fields (``transformer.num_layers=4``); tuples are written
+    comma-separated (``patches.size=4,4``); fields that hold None take ``none`` or a value of their
+    declared type.
+    """
+    config = copy.deepcopy(config)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
+            raise ConfigOverrideError(
+                f"--config {item!r}: expected KEY=VALUE, e.g. hidden_size=128"
+            )
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ConfigOverrideError(
+                f"--config {key}: unknown key; known keys: {', '.join(_leaf_keys(config))}"
+            )
+        current = node[leaf]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ConfigOverrideError(f"--config {key}: is a group; set one of its fields")
+        field_type = node.get_ref(leaf).get_type() if current is None else None
+        with node.unlocked():
+            node[leaf] = _parse_value(text, current, key, field_type)
+    return config

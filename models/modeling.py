@@ -1,0 +1,236 @@
+"""Vision Transformer (Dosovitskiy et al. 2021), in the order of the paper.
+
+Class names, constructor and parameter names are those of the reference PyTorch implementation
+("ViT-pytorch"), so its ``*_checkpoint.bin`` state_dicts load unchanged and code written against it
+keeps working::
+
+    model = VisionTransformer(CONFIGS["ViT-B_16"], img_size=224, num_classes=10, zero_head=True)
+    model.load_from(np.load("checkpoint/ViT-B_16.npz"))
+    logits, attn_weights = model(images)  # attn_weights: [] unless vis=True
+    loss = model(images, labels)
+
+The numerics are Google's (``vit_jax/models_vit.py``): dropout after attention uses
+``dropout_rate``, position embeddings start from a normal of std 0.02, LayerNorm eps 1e-6,
+exact GELU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.configs import CONFIGS  # noqa: F401  (re-exported: `from models.modeling import CONFIGS`)
+from models.modeling_resnet import ResNetV2
+from models.npz_io import export_npz_weights, load_npz_weights
+
+
+class Embeddings(nn.Module):
+    """Patch embedding (optionally of a ResNet feature map), class token and position embedding."""
+
+    def __init__(self, config: ml_collections.ConfigDict, img_size: int) -> None:
+        super().__init__()
+        patch = tuple(config.patches.size)
+        self.hybrid = config.get("resnet") is not None
+        if self.hybrid:
+            self.hybrid_model = ResNetV2(
+                tuple(config.resnet.num_layers), config.resnet.width_factor
+            )
+            in_channels = self.hybrid_model.out_channels
+            grid = self.hybrid_model.feature_grid(img_size)
+        else:
+            in_channels, grid = 3, img_size
+        if grid < patch[0] or grid < patch[1]:
+            raise ValueError(f"img_size {img_size} is smaller than one patch {patch}")
+        self.grid_size = (grid // patch[0], grid // patch[1])
+        n_patches = self.grid_size[0] * self.grid_size[1]
+        self.patch_embeddings = nn.Conv2d(in_channels, config.hidden_size, patch, stride=patch)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, n_patches + 1, config.hidden_size))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.dropout = nn.Dropout(config.transformer.dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hybrid:
+            x = self.hybrid_model(x)
+        x = self.patch_embeddings(x)  # (B, D, gh, gw)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat((cls, x), dim=1) + self.position_embeddings  # (B, N + 1, D)
+        return self.dropout(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention.
+
+    ``query``, ``key`` and ``value`` stay separate parameters (the reference's names) but run as one
+    matrix product; the attention itself is PyTorch's fused kernel unless ``vis`` asks for the
+    weights, which only the explicit softmax path can return.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, vis: bool) -> None:
+        super().__init__()
+        self.vis = vis
+        self.num_attention_heads = config.transformer.num_heads
+        self.attention_head_size = config.hidden_size // self.num_attention_heads
+        self.all_head_size = self.num_attention_heads * self.attention_head_size
+        if self.all_head_size != config.hidden_size:
+            raise ValueError(
+                f"hidden_size {config.hidden_size} is not divisible by "
+                f"num_heads {self.num_attention_heads}"
+            )
+        self.query = nn.Linear(config.hidden_size, self.all_head_size)
+        self.key = nn.Linear(config.hidden_size, self.all_head_size)
+        self.value = nn.Linear(config.hidden_size, self.all_head_size)
+        self.out = nn.Linear(self.all_head_size, config.hidden_size)
+        self.attn_dropout = nn.Dropout(config.transformer.attention_dropout_rate)
+        self.proj_dropout = nn.Dropout(config.transformer.dropout_rate)
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, N, _ = hidden_states.shape
+        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
+        bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
+        qkv = F.linear(hidden_states, weight, bias)  # (B, N, 3 * D)
+        qkv = qkv.view(B, N, 3, self.num_attention_heads, self.attention_head_size)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        if self.vis:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.attention_head_size)
+            weights = self.softmax(scores)  # (B, heads, N, N)
+            context = self.attn_dropout(weights) @ v
+        else:
+            weights = None
+            p = self.attn_dropout.p if self.training else 0.0
+            context = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        context = context.transpose(1, 2).reshape(B, N, self.all_head_size)  # (B, N, D)
+        return self.proj_dropout(self.out(context)), weights
+
+
+class Mlp(nn.Module):
+    def __init__(self, config: ml_collections.ConfigDict) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.transformer.mlp_dim)
+        self.fc2 = nn.Linear(config.transformer.mlp_dim, config.hidden_size)
+        self.dropout = nn.Dropout(config.transformer.dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(F.gelu(self.fc1(x)))
+        return self.dropout(self.fc2(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention and MLP, each in a residual branch."""
+
+    def __init__(self, config: ml_collections.ConfigDict, vis: bool) -> None:
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
+        self.attn = Attention(config, vis)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
+        self.ffn = Mlp(config)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, weights = self.attn(self.attention_norm(x))
+        x = x + h
+        x = x + self.ffn(self.ffn_norm(x))
+        return x, weights
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ml_collections.ConfigDict, vis: bool) -> None:
+        super().__init__()
+        self.vis = vis
+        self.layer = nn.ModuleList(Block(config, vis) for _ in range(config.transformer.num_layers))
+        self.encoder_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        attn_weights = []
+        for block in self.layer:
+            x, weights = block(x)
+            if self.vis:
+                attn_weights.append(weights)
+        return self.encoder_norm(x), attn_weights
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ml_collections.ConfigDict, img_size: int, vis: bool) -> None:
+        super().__init__()
+        self.embeddings = Embeddings(config, img_size)
+        self.encoder = Encoder(config, vis)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.encoder(self.embeddings(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier on the class token, with the reference implementation's interface.
+
+    ``forward(x)`` returns ``(logits, attn_weights)``; ``forward(x, labels)`` returns the mean
+    cross-entropy loss.
+    """
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        img_size: int = 224,
+        num_classes: int = 21843,
+        zero_head: bool = False,
+        vis: bool = False,
+    ) -> None:
+        super().__init__()
+        if config.classifier != "token":
+            raise ValueError(f"classifier {config.classifier!r} is not supported; use 'token'")
+        self.config = config
+        self.img_size = img_size
+        self.num_classes = num_classes
+        self.zero_head = zero_head
+        self.classifier = config.classifier
+        self.transformer = Transformer(config, img_size, vis)
+        rep = config.get("representation_size")
+        if rep:
+            self.pre_logits = nn.Linear(config.hidden_size, rep)
+        self.head = nn.Linear(rep or config.hidden_size, num_classes)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """Google's initialisation, used when training from scratch."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if name.endswith(("fc1", "fc2")):
+                    nn.init.normal_(module.bias, std=1e-6)
+                else:
+                    nn.init.zeros_(module.bias)
+        embeddings = self.transformer.embeddings
+        conv = embeddings.patch_embeddings
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        nn.init.trunc_normal_(conv.weight, std=1 / math.sqrt(fan_in) / 0.87962566103423978)
+        nn.init.zeros_(conv.bias)
+        nn.init.normal_(embeddings.position_embeddings, std=0.02)
+        if self.zero_head:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        x, attn_weights = self.transformer(x)
+        x = x[:, 0]  # the class token, (B, D)
+        if hasattr(self, "pre_logits"):
+            x = torch.tanh(self.pre_logits(x))
+        logits = self.head(x)
+        if labels is not None:
+            return F.cross_entropy(logits.view(-1, self.num_classes), labels.view(-1))
+        return logits, attn_weights
+
+    def load_from(self, weights: object) -> None:
+        """Load a Google .npz checkpoint (the result of ``np.load``); see ``models.npz_io``."""
+        load_npz_weights(self, weights)
+
+    def export_npz(self, path: str) -> None:
+        """Write this model's weights in Google's .npz layout; ``load_from`` reads them back."""
+        np.savez(path, **export_npz_weights(self))

@@ -1,0 +1,284 @@
+"""Google's .npz checkpoint layout: read it into our model, and write our model out in it.
+
+The layout is a flat mapping of Flax parameter paths to arrays (``Transformer/encoderblock_0/
+MultiHeadDotProductAttention_1/query/kernel``). Loading builds one table from Google key to our
+parameter and a layout kind that says how the axes differ, converts and checks every tensor, and
+only then copies: a checkpoint that does not fit raises one ``CheckpointError`` listing every
+missing, unexpected and mis-shaped key, and leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import scipy.ndimage
+import torch
+
+if TYPE_CHECKING:
+    from models.modeling import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+# Prefixes under which Google's files store the parameters (older files nest them in the optimizer).
+_PREFIXES = ("", "opt/target/")
+_POSEMB = "Transformer/posembed_input/pos_embedding"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not fit the model it is loaded into."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: str  # Google's name, without prefix
+    param: str  # our state_dict name
+    kind: str  # how the axes differ, see _to_torch
+
+
+def _to_torch(array: np.ndarray, kind: str) -> np.ndarray:
+    """Rearrange a Flax array into the PyTorch layout of the same parameter."""
+    if kind == "conv":  # (kh, kw, in, out) -> (out, in, kh, kw)
+        return array.transpose(3, 2, 0, 1)
+    if kind == "dense":  # (in, out) -> (out, in)
+        return array.T
+    if kind == "heads_in":  # (D, heads, head_dim) -> (heads * head_dim, D)
+        return array.reshape(array.shape[0], -1).T
+    if kind == "heads_out":  # (heads, head_dim, D) -> (D, heads * head_dim)
+        return array.reshape(-1, array.shape[-1]).T
+    if kind == "heads_bias":  # (heads, head_dim) -> (heads * head_dim,)
+        return array.reshape(-1)
+    return array
+
+
+def _google_shape(shape: tuple[int, ...], kind: str, heads: int) -> tuple[int, ...]:
+    """The shape Google's file stores for a parameter of our ``shape``."""
+    if kind == "conv":
+        out, cin, kh, kw = shape
+        return (kh, kw, cin, out)
+    if kind == "dense":
+        return shape[::-1]
+    if kind == "heads_in":
+        return (shape[1], heads, shape[0] // heads)
+    if kind == "heads_out":
+        return (heads, shape[1] // heads, shape[0])
+    if kind == "heads_bias":
+        return (heads, shape[0] // heads)
+    return shape
+
+
+def _to_google(tensor: torch.Tensor, kind: str, heads: int) -> np.ndarray:
+    array = tensor.detach().cpu().float().numpy()
+    target = _google_shape(tuple(array.shape), kind, heads)
+    if kind == "conv":
+        return np.ascontiguousarray(array.transpose(2, 3, 1, 0))
+    if kind in ("dense", "heads_in", "heads_out"):
+        return np.ascontiguousarray(array.T.reshape(target))
+    return array.reshape(target)
+
+
+def _resnet_key(name: str) -> tuple[str, str]:
+    """Our ResNet parameter name -> (Google key, kind): ``body.block1.unit1.gn1.weight`` ->
+    ``block1/unit1/gn1/scale``."""
+    path = name.replace("root.conv.", "conv_root.").replace("root.gn.", "gn_root.")
+    path = path.replace("body.", "").replace("downsample.", "conv_proj.")
+    module, leaf = path.rsplit(".", 1)
+    if re.search(r"conv[^.]*$", module):
+        return module.replace(".", "/") + "/kernel", "conv"
+    return module.replace(".", "/") + ("/scale" if leaf == "weight" else "/bias"), "plain"
+
+
+def _layout(model: VisionTransformer) -> list[_Entry]:
+    """Every parameter of ``model`` with its Google key, in state_dict order."""
+    entries = []
+    hybrid_prefix = "transformer.embeddings.hybrid_model."
+    for name, _ in model.named_parameters():
+        if name.startswith(hybrid_prefix):
+            key, kind = _resnet_key(name[len(hybrid_prefix) :])
+            entries.append(_Entry(key, name, kind))
+    emb = "transformer.embeddings."
+    entries += [
+        _Entry("embedding/kernel", emb + "patch_embeddings.weight", "conv"),
+        _Entry("embedding/bias", emb + "patch_embeddings.bias", "plain"),
+        _Entry("cls", emb + "cls_token", "plain"),
+        _Entry(_POSEMB, emb + "position_embeddings", "plain"),
+    ]
+    for i in range(len(model.transformer.encoder.layer)):
+        g, t = f"Transformer/encoderblock_{i}/", f"transformer.encoder.layer.{i}."
+        attn = g + "MultiHeadDotProductAttention_1/"
+        pairs = [
+            ("LayerNorm_0", "attention_norm", "plain", "plain"),
+            ("LayerNorm_2", "ffn_norm", "plain", "plain"),
+            ("MlpBlock_3/Dense_0", "ffn.fc1", "dense", "plain"),
+            ("MlpBlock_3/Dense_1", "ffn.fc2", "dense", "plain"),
+        ]
+        for flax, ours, weight_kind, bias_kind in pairs:
+            scale = "scale" if weight_kind == "plain" else "kernel"
+            entries.append(_Entry(f"{g}{flax}/{scale}", f"{t}{ours}.weight", weight_kind))
+            entries.append(_Entry(f"{g}{flax}/bias", f"{t}{ours}.bias", bias_kind))
+        for proj in ("query", "key", "value"):
+            entries.append(_Entry(f"{attn}{proj}/kernel", f"{t}attn.{proj}.weight", "heads_in"))
+            entries.append(_Entry(f"{attn}{proj}/bias", f"{t}attn.{proj}.bias", "heads_bias"))
+        entries.append(_Entry(f"{attn}out/kernel", f"{t}attn.out.weight", "heads_out"))
+        entries.append(_Entry(f"{attn}out/bias", f"{t}attn.out.bias", "plain"))
+    entries += [
+        _Entry(
+            "Transformer/encoder_norm/scale", "transformer.encoder.encoder_norm.weight", "plain"
+        ),
+        _Entry("Transformer/encoder_norm/bias", "transformer.encoder.encoder_norm.bias", "plain"),
+    ]
+    if hasattr(model, "pre_logits"):
+        entries.append(_Entry("pre_logits/kernel", "pre_logits.weight", "dense"))
+        entries.append(_Entry("pre_logits/bias", "pre_logits.bias", "plain"))
+    entries.append(_Entry("head/kernel", "head.weight", "dense"))
+    entries.append(_Entry("head/bias", "head.bias", "plain"))
+    return entries
+
+
+def resize_pos_embed(posemb: np.ndarray, new_grid: tuple[int, int]) -> np.ndarray:
+    """Resize a (1, 1 + gh * gw, D) position embedding to a new grid, keeping the class token.
+
+    Bilinear with aligned corners through ``scipy.ndimage.zoom(order=1)``: the same values as
+    Google's ``vit_jax/checkpoint.py`` and the reference implementation.
+    """
+    posemb = np.asarray(posemb, dtype=np.float32)
+    token, grid = posemb[:, :1], posemb[0, 1:]
+    old = math.isqrt(len(grid))
+    if old * old != len(grid):
+        raise CheckpointError(
+            f"position embedding has {len(grid)} patch tokens, not a square grid; cannot resize"
+        )
+    zoom = (new_grid[0] / old, new_grid[1] / old, 1)
+    grid = scipy.ndimage.zoom(grid.reshape(old, old, -1), zoom, order=1)
+    grid = grid.reshape(1, new_grid[0] * new_grid[1], -1)
+    return np.concatenate([token, grid], axis=1)
+
+
+def read_npz(path: str | Path) -> Mapping[str, np.ndarray]:
+    """``np.load`` that turns a missing, truncated or foreign file into one CheckpointError."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable .npz file ({error}); "
+            "it may be truncated: download it again"
+        ) from None
+    if not isinstance(data, Mapping) and not hasattr(data, "files"):
+        raise CheckpointError(f"checkpoint {path} holds a single array, not an .npz of weights")
+    return data
+
+
+def _describe(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _summary(keys: set[str], prefix: str, get) -> str:
+    """What a checkpoint holds, in model terms, for error messages."""
+    block = re.compile(rf"{re.escape(prefix)}Transformer/encoderblock_(\d+)/")
+    layers = {m.group(1) for k in keys if (m := block.match(k))}
+    parts = [f"{len(layers)} layers"]
+    if f"{prefix}embedding/kernel" in keys:
+        kh, kw, cin, hidden = get(f"{prefix}embedding/kernel").shape
+        parts = [f"hidden size {hidden}", *parts, f"patches {kh}x{kw}"]
+        if f"{prefix}conv_root/kernel" in keys:
+            parts.append("ResNet stem")
+    return ", ".join(parts)
+
+
+def load_npz_weights(model: VisionTransformer, weights: Mapping[str, np.ndarray]) -> None:
+    """Copy a Google checkpoint into ``model``; see the module docstring for the guarantees."""
+    try:
+        keys = set(weights.keys())
+    except Exception as error:  # a dict-like that cannot even list its keys
+        raise CheckpointError(f"cannot read the checkpoint's keys: {error}") from None
+
+    def get(key: str) -> np.ndarray:
+        try:
+            return np.asarray(weights[key])
+        except Exception as error:
+            raise CheckpointError(
+                f"cannot read {key} from the checkpoint ({error}); it may be truncated: "
+                "download it again"
+            ) from None
+
+    prefix = next((p for p in _PREFIXES if f"{p}embedding/kernel" in keys), "")
+    heads = model.config.transformer.num_heads
+    params = dict(model.named_parameters())
+    converted: dict[str, torch.Tensor] = {}
+    missing, mismatched, consumed = [], [], set()
+    for entry in _layout(model):
+        key, target = prefix + entry.key, params[entry.param]
+        if entry.param.startswith("head.") and model.zero_head:
+            consumed.add(key)
+            converted[entry.param] = torch.zeros_like(target)
+            continue
+        if key not in keys:
+            missing.append(entry.key)
+            continue
+        consumed.add(key)
+        array = get(key)
+        expected = _google_shape(tuple(target.shape), entry.kind, heads)
+        if entry.key == _POSEMB and array.ndim == 3 and array.shape[-1] == expected[-1]:
+            if array.shape != expected:
+                grid = model.transformer.embeddings.grid_size
+                log.info("resizing position embedding %s -> %s", array.shape, expected)
+                array = resize_pos_embed(array, grid)
+        elif entry.kind == "plain" and array.size == target.numel() and array.ndim > len(expected):
+            array = array.reshape(expected)  # older files store GroupNorm scales as (1, 1, 1, C)
+        if array.shape != expected:
+            hint = ""
+            if entry.param.startswith("head."):
+                hint = " (to fine-tune on a new class count use zero_head=True)"
+            mismatched.append(f"{entry.key} {array.shape} != expected {expected}{hint}")
+            continue
+        converted[entry.param] = torch.from_numpy(
+            np.ascontiguousarray(_to_torch(array.astype(np.float32), entry.kind))
+        )
+
+    pre_logits = {k for k in keys if k.startswith(prefix + "pre_logits/")}
+    if pre_logits and not hasattr(model, "pre_logits"):
+        consumed |= pre_logits
+        if not model.zero_head:
+            mismatched.append(
+                "pre_logits: the checkpoint's head reads a pre-logits layer the model lacks; "
+                "set representation_size (--config representation_size=N) or use zero_head=True"
+            )
+        else:
+            log.info("dropping the checkpoint's pre_logits layer, as fine-tuning does")
+    unexpected = sorted(k for k in keys if k.startswith(prefix) and k not in consumed)
+    if missing or mismatched or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys: {_describe(missing)}")
+        if mismatched:
+            problems.append(f"{len(mismatched)} mismatched shapes: {_describe(mismatched)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys: {_describe(unexpected)}")
+        model_desc = (
+            f"hidden size {model.config.hidden_size}, {len(model.transformer.encoder.layer)} "
+            f"layers, patches {'x'.join(map(str, model.config.patches.size))}"
+        )
+        raise CheckpointError(
+            f"checkpoint ({_summary(keys, prefix, get)}) does not fit the model ({model_desc}): "
+            + "; ".join(problems)
+        )
+    with torch.no_grad():
+        for name, value in converted.items():
+            params[name].copy_(value)
+
+
+def export_npz_weights(model: VisionTransformer) -> dict[str, np.ndarray]:
+    """Our model's weights under Google's keys and layouts, ready for ``np.savez``."""
+    heads = model.config.transformer.num_heads
+    params = dict(model.named_parameters())
+    return {e.key: _to_google(params[e.param], e.kind, heads) for e in _layout(model)}

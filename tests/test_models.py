@@ -1,0 +1,144 @@
+"""The model family: shapes, parameter counts, reference names, fused attention, overrides."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.configs import CONFIGS, ConfigOverrideError, apply_overrides
+from models.modeling import VisionTransformer
+
+SMALL_SIZES = {"ViT-H_14": 28, "testing": 16}  # every other config runs at 32 px
+
+
+def small(name: str, **kwargs) -> VisionTransformer:
+    config = apply_overrides(CONFIGS[name], ["transformer.num_layers=1"])
+    return VisionTransformer(config, img_size=SMALL_SIZES.get(name, 32), **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_forward_shapes_and_gradients(name: str) -> None:
+    torch.manual_seed(0)
+    model = small(name, num_classes=7, vis=True).eval()  # no dropout: loss == cross-entropy
+    size = SMALL_SIZES.get(name, 32)
+    x, labels = torch.randn(2, 3, size, size), torch.tensor([1, 6])
+    logits, attn = model(x)
+    tokens = model.transformer.embeddings.position_embeddings.shape[1]
+    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+    assert len(attn) == 1
+    assert attn[0].shape == (2, model.config.transformer.num_heads, tokens, tokens)
+    torch.testing.assert_close(attn[0].sum(-1), torch.ones(attn[0].shape[:-1]))
+    loss = model(x, labels)
+    assert loss.shape == () and torch.isclose(
+        loss, torch.nn.functional.cross_entropy(logits, labels)
+    )
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "name, millions",
+    [
+        ("ViT-B_16", 85.81),
+        ("ViT-B_32", 87.46),
+        ("ViT-L_16", 303.31),
+        ("ViT-L_32", 305.52),
+        ("ViT-H_14", 630.78),
+        ("R50-ViT-B_16", 97.90),
+    ],
+)
+def test_parameter_counts(name: str, millions: float) -> None:
+    with torch.device("meta"):
+        model = VisionTransformer(CONFIGS[name], img_size=224, num_classes=10)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == millions
+
+
+def test_sizes_follow_the_paper() -> None:
+    expected = {
+        "Ti": (192, 768, 3, 12),
+        "S": (384, 1536, 6, 12),
+        "B": (768, 3072, 12, 12),
+        "L": (1024, 4096, 16, 24),
+        "H": (1280, 5120, 16, 32),
+    }
+    for name, config in CONFIGS.items():
+        if name == "testing":
+            continue
+        width = name.split("-")[-1].split("_")[0]
+        t = config.transformer
+        assert (config.hidden_size, t.mlp_dim, t.num_heads, t.num_layers) == expected[width]
+        assert (t.dropout_rate, t.attention_dropout_rate, config.classifier) == (0.1, 0.0, "token")
+    assert CONFIGS["ViT-H_14"].patches.size == (14, 14)
+    assert CONFIGS["R50-ViT-B_16"].patches.size == (1, 1)
+    assert tuple(CONFIGS["R50-ViT-B_16"].resnet.num_layers) == (3, 4, 9)
+
+
+def test_parameter_names_are_the_reference_implementations() -> None:
+    """The names its train.py writes into ``*_checkpoint.bin`` (read off its modeling.py)."""
+    names = set(small("R50-ViT-B_16", num_classes=10).state_dict())
+    per_layer = [
+        "attention_norm.weight", "attention_norm.bias", "ffn_norm.weight", "ffn_norm.bias",
+        "ffn.fc1.weight", "ffn.fc1.bias", "ffn.fc2.weight", "ffn.fc2.bias",
+        "attn.query.weight", "attn.query.bias", "attn.key.weight", "attn.key.bias",
+        "attn.value.weight", "attn.value.bias", "attn.out.weight", "attn.out.bias",
+    ]  # fmt: skip
+    expected = {f"transformer.encoder.layer.0.{n}" for n in per_layer} | {
+        "transformer.embeddings.position_embeddings",
+        "transformer.embeddings.cls_token",
+        "transformer.embeddings.patch_embeddings.weight",
+        "transformer.embeddings.patch_embeddings.bias",
+        "transformer.encoder.encoder_norm.weight",
+        "transformer.encoder.encoder_norm.bias",
+        "head.weight",
+        "head.bias",
+        "transformer.embeddings.hybrid_model.root.conv.weight",
+        "transformer.embeddings.hybrid_model.root.gn.weight",
+        "transformer.embeddings.hybrid_model.body.block1.unit1.downsample.weight",
+        "transformer.embeddings.hybrid_model.body.block1.unit1.gn_proj.bias",
+        "transformer.embeddings.hybrid_model.body.block3.unit9.conv3.weight",
+        "transformer.embeddings.hybrid_model.body.block3.unit9.gn3.weight",
+    }
+    assert expected <= names
+    assert not any("hybrid_model" not in n and n not in expected for n in names)
+
+
+def test_fused_attention_equals_explicit_softmax() -> None:
+    torch.manual_seed(0)
+    fused = VisionTransformer(CONFIGS["ViT-B_16"], img_size=64, num_classes=10).eval()
+    explicit = VisionTransformer(CONFIGS["ViT-B_16"], img_size=64, num_classes=10, vis=True).eval()
+    explicit.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        (a, none), (b, weights) = fused(x), explicit(x)
+    assert none == [] and len(weights) == 12
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_is_active_only_in_training() -> None:
+    torch.manual_seed(0)
+    model = small("testing", num_classes=3)
+    x = torch.randn(4, 3, 16, 16)
+    assert not torch.equal(model(x)[0], model(x)[0])
+    model.eval()
+    assert torch.equal(model(x)[0], model(x)[0])
+
+
+def test_overrides_are_type_checked_and_copy() -> None:
+    base = CONFIGS["ViT-B_16"]
+    config = apply_overrides(
+        base, ["hidden_size=128", "transformer.num_layers=4", "patches.size=4,4"]
+    )
+    assert (config.hidden_size, config.transformer.num_layers) == (128, 4)
+    assert config.patches.size == (4, 4) and base.hidden_size == 768
+    assert apply_overrides(base, ["transformer.dropout_rate=0"]).transformer.dropout_rate == 0.0
+    assert apply_overrides(base, ["representation_size=768"]).representation_size == 768
+    for bad, word in [
+        ("hiden_size=3", "hiden_size"),
+        ("transformer.layers=3", "transformer.layers"),
+        ("hidden_size=1.5", "hidden_size"),
+        ("hidden_size", "KEY=VALUE"),
+        ("patches.size=4", "patches.size"),
+        ("transformer=2", "transformer"),
+    ]:
+        with pytest.raises(ConfigOverrideError, match=word):
+            apply_overrides(base, [bad])
