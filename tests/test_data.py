@@ -1,0 +1,555 @@
+"""Tests for utils/data.py and utils/download.py: reading, downloading, transforms and sampling.
+
+Network tests talk only to an HTTP server on 127.0.0.1 started here; nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import math
+import os
+import pickle
+import socket
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from torchvision.transforms import RandomResizedCrop
+
+from utils.data import (
+    CIFAR,
+    CifarArrays,
+    CifarDataset,
+    DataError,
+    GlobalBatchSampler,
+    ensure_cifar,
+    load_cifar,
+    sample_crop_box,
+    shard_indices,
+)
+from utils.download import DownloadError, download_file, md5_of
+
+SUBSET = Path(
+    os.environ.get(
+        "CIFAR10_SUBSET", Path(__file__).resolve().parents[2] / "shared" / "cifar10-subset"
+    )
+)
+SPEC = CIFAR["cifar10"]
+SCALE, RATIO = (0.05, 1.0), (3 / 4, 4 / 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic files in the official layout
+
+
+def write_pickle(path: Path, obj: object) -> None:
+    path.write_bytes(pickle.dumps(obj, protocol=2))
+
+
+def write_cifar10(root: Path, per_batch: int = 4, seed: int = 0) -> Path:
+    """Write a tiny CIFAR-10 in the official layout under ``root``; return the folder."""
+    rng = np.random.default_rng(seed)
+    folder = root / SPEC.folder
+    folder.mkdir(parents=True)
+    for name in (*SPEC.train_files, *SPEC.test_files):
+        write_pickle(
+            folder / name,
+            {
+                b"batch_label": name.encode(),
+                b"labels": rng.integers(0, 10, per_batch).tolist(),
+                b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            },
+        )
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer"]
+    names += [b"dog", b"frog", b"horse", b"ship", b"truck"]
+    write_pickle(folder / SPEC.meta_file, {b"label_names": names, b"num_vis": 3072})
+    return folder
+
+
+def make_archive(folder: Path, dest: Path, extra: dict[str, bytes] | None = None) -> str:
+    """Pack ``folder`` and ``extra`` raw members as a .tar.gz like the official one; return MD5."""
+    with tarfile.open(dest, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+        for name, data in (extra or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return md5_of(dest)
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A local HTTP server
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves ``self.server.files``; ``/truncated`` promises more bytes than it sends."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path == "/slow":
+            time.sleep(1.0)
+        if self.path == "/truncated":
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"x" * 1000)
+            return
+        body = self.server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(base URL, dict path -> body to serve) of a server on 127.0.0.1 for this test."""
+    monkeypatch.setenv("no_proxy", "*")  # never send 127.0.0.1 requests to a configured proxy
+    monkeypatch.setenv("NO_PROXY", "*")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.files = {}
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd.files
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def closed_url(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A URL on a 127.0.0.1 port that nothing listens on."""
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NO_PROXY", "*")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@pytest.fixture(scope="module")
+def subset() -> Path:
+    if not (SUBSET / SPEC.folder).is_dir():
+        pytest.skip(f"CIFAR-10 subset not found at {SUBSET} (set CIFAR10_SUBSET)")
+    return SUBSET
+
+
+def test_real_subset_loads(subset: Path) -> None:
+    train = load_cifar("cifar10", subset, train=True)
+    test = load_cifar("cifar10", subset, train=False)
+    assert train.images.shape == (5085, 32, 32, 3) and len(train) == 5085
+    assert test.images.shape == (509, 32, 32, 3) and len(test) == 509
+    for split in (train, test):
+        assert split.images.dtype == np.uint8 and split.images.flags.c_contiguous
+        assert split.labels.dtype == np.int64
+        assert set(split.labels.tolist()) == set(range(10))
+        assert len(split.classes) == 10 and split.classes[0] == "airplane"
+    # HWC from channel-major rows: the first 1024 values of a row are the red plane
+    with open(subset / SPEC.folder / "test_batch", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    np.testing.assert_array_equal(test.images[0, :, :, 0], raw[b"data"][0, :1024].reshape(32, 32))
+    np.testing.assert_array_equal(test.images[7, :, :, 2], raw[b"data"][7, 2048:].reshape(32, 32))
+    assert test.labels.tolist() == raw[b"labels"]
+
+
+def test_ensure_cifar_accepts_existing_subset(subset: Path) -> None:
+    # wrong MD5s on purpose: an existing complete folder is used as is, no download attempted
+    assert ensure_cifar("cifar10", subset, url="http://127.0.0.1:1/never") == subset / SPEC.folder
+
+
+def test_unknown_dataset_lists_choices(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="cifar10, cifar100"):
+        load_cifar("mnist", tmp_path, train=True)
+
+
+def _break(folder: Path, how: str) -> str:
+    """Damage the synthetic folder in one way; return the file that should be named."""
+    path = folder / "data_batch_3"
+    batch = {b"labels": [1, 2, 3, 4], b"data": np.zeros((4, 3072), np.uint8)}
+    if how == "missing":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "garbage":
+        path.write_bytes(b"this is not a pickle at all")
+    elif how == "not_dict":
+        write_pickle(path, [1, 2, 3])
+    elif how == "no_labels":
+        write_pickle(path, {b"data": batch[b"data"]})
+    elif how == "wrong_columns":
+        write_pickle(path, {**batch, b"data": np.zeros((4, 3000), np.uint8)})
+    elif how == "wrong_dtype":
+        write_pickle(path, {**batch, b"data": np.zeros((4, 3072), np.float32)})
+    elif how == "label_count":
+        write_pickle(path, {**batch, b"labels": [1, 2, 3]})
+    elif how == "label_too_big":
+        write_pickle(path, {**batch, b"labels": [1, 2, 10, 4]})
+    elif how == "label_negative":
+        write_pickle(path, {**batch, b"labels": [1, -1, 3, 4]})
+    elif how == "code_in_pickle":
+        # a pickle that would call a function on load must be refused, not executed
+        path.write_bytes(b"cbuiltins\nprint\n(S'pwned'\ntR.")
+    elif how == "bad_meta":
+        path = folder / SPEC.meta_file
+        write_pickle(path, {b"label_names": [b"a", b"b"]})
+    return path.name
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "missing",
+        "truncated",
+        "garbage",
+        "not_dict",
+        "no_labels",
+        "wrong_columns",
+        "wrong_dtype",
+        "label_count",
+        "label_too_big",
+        "label_negative",
+        "code_in_pickle",
+        "bad_meta",
+    ],
+)
+def test_broken_files_raise_data_error_naming_the_file(
+    tmp_path: Path, how: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = write_cifar10(tmp_path)
+    assert len(load_cifar("cifar10", tmp_path, train=True)) == 20  # intact before breaking it
+    name = _break(folder, how)
+    with pytest.raises(DataError) as info:
+        load_cifar("cifar10", tmp_path, train=True)
+    message = str(info.value)
+    assert str(folder / name) in message and "\n" not in message
+    assert "pwned" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloading
+
+
+def test_download_file_writes_atomically_and_checks_md5(
+    tmp_path: Path, server: tuple[str, dict[str, bytes]]
+) -> None:
+    base, files = server
+    body = os.urandom(3 * (1 << 20) + 123)  # several chunks
+    files["/blob.bin"] = body
+    dest = tmp_path / "sub" / "dir" / "blob.bin"  # parents are created
+    md5 = hashlib.md5(body).hexdigest()
+    assert download_file(f"{base}/blob.bin", dest, md5=md5) == dest
+    assert dest.read_bytes() == body and md5_of(dest) == md5
+    assert listing(tmp_path) == ["sub", "sub/dir", "sub/dir/blob.bin"]
+
+    dest2 = tmp_path / "other.bin"
+    with pytest.raises(DownloadError, match="MD5 mismatch") as info:
+        download_file(f"{base}/blob.bin", dest2, md5="0" * 32)
+    assert f"{base}/blob.bin" in str(info.value) and str(dest2) in str(info.value)
+    assert not dest2.exists() and not list(tmp_path.glob("*.part"))
+
+
+@pytest.mark.parametrize("path", ["/missing", "/truncated", "/slow"])
+def test_download_file_failures_leave_nothing(
+    tmp_path: Path, server: tuple[str, dict[str, bytes]], path: str
+) -> None:
+    base, files = server
+    files["/slow"] = b"late"
+    dest = tmp_path / "file.bin"
+    with pytest.raises(DownloadError) as info:
+        download_file(base + path, dest, timeout=0.3)
+    message = str(info.value)
+    assert base + path in message and str(dest) in message and "by hand" in message
+    assert "\n" not in message
+    assert listing(tmp_path) == []
+
+
+def test_download_file_unreachable(tmp_path: Path, closed_url: str) -> None:
+    dest = tmp_path / "x.tar.gz"
+    with pytest.raises(DownloadError, match="by hand") as info:
+        download_file(closed_url, dest)
+    assert closed_url in str(info.value) and isinstance(info.value.__cause__, OSError)
+    assert listing(tmp_path) == []
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> tuple[bytes, str]:
+    """(bytes, md5) of a small CIFAR-10 .tar.gz in the official layout."""
+    src = write_cifar10(tmp_path / "src", per_batch=6)
+    md5 = make_archive(src, tmp_path / "archive.tar.gz", extra={"readme.html": b"<p>hi</p>"})
+    return (tmp_path / "archive.tar.gz").read_bytes(), md5
+
+
+def test_ensure_cifar_downloads_and_extracts(
+    tmp_path: Path, server: tuple[str, dict[str, bytes]], archive: tuple[bytes, str]
+) -> None:
+    base, files = server
+    files["/cifar-10-python.tar.gz"], md5 = archive
+    root = tmp_path / "data"
+    folder = ensure_cifar("cifar10", root, url=f"{base}/cifar-10-python.tar.gz", md5=md5)
+    assert folder == root / SPEC.folder
+    assert listing(root) == [SPEC.folder] + [f"{SPEC.folder}/{f}" for f in sorted(SPEC.files)]
+    assert len(load_cifar("cifar10", root, train=True)) == 30
+    assert len(load_cifar("cifar10", root, train=False)) == 6
+    # complete now: a second call does not download (the server no longer has the file)
+    files.clear()
+    assert ensure_cifar("cifar10", root, url=f"{base}/cifar-10-python.tar.gz") == folder
+
+
+def test_ensure_cifar_completes_a_partial_folder(
+    tmp_path: Path, server: tuple[str, dict[str, bytes]], archive: tuple[bytes, str]
+) -> None:
+    base, files = server
+    files["/c.tar.gz"], md5 = archive
+    root = tmp_path / "data"
+    (root / SPEC.folder).mkdir(parents=True)
+    (root / SPEC.folder / "test_batch").write_bytes(b"kept as is")
+    ensure_cifar("cifar10", root, url=f"{base}/c.tar.gz", md5=md5)
+    assert (root / SPEC.folder / "test_batch").read_bytes() == b"kept as is"
+    assert len(load_cifar("cifar10", root, train=True)) == 30
+
+
+def _assert_one_line_with(message: str, *parts: str) -> None:
+    assert "\n" not in message
+    for part in parts:
+        assert part in message, (part, message)
+
+
+def test_ensure_cifar_wrong_md5(
+    tmp_path: Path, server: tuple[str, dict[str, bytes]], archive: tuple[bytes, str]
+) -> None:
+    base, files = server
+    files["/cifar-10-python.tar.gz"], _ = archive
+    root = tmp_path / "data"
+    url = f"{base}/cifar-10-python.tar.gz"
+    with pytest.raises(DataError) as info:
+        ensure_cifar("cifar10", root, url=url, md5="0" * 32)
+    _assert_one_line_with(
+        str(info.value), str(root / SPEC.folder), url, "data_batch_1", "batches.meta", "MD5"
+    )
+    assert isinstance(info.value.__cause__, DownloadError)
+    assert listing(root) == []
+    # without an md5 argument the official checksum applies, which this archive does not match
+    with pytest.raises(DataError, match=SPEC.md5):
+        ensure_cifar("cifar10", root, url=url)
+    assert listing(root) == []
+
+
+def test_ensure_cifar_unreachable(tmp_path: Path, closed_url: str) -> None:
+    root = tmp_path / "data"
+    with pytest.raises(DataError) as info:
+        ensure_cifar("cifar10", root, url=closed_url)
+    _assert_one_line_with(str(info.value), str(root / SPEC.folder), closed_url, "by hand")
+    assert not root.exists() or listing(root) == []
+
+
+@pytest.mark.parametrize("member", ["../escape.txt", "/tmp/absolute.txt", "incomplete", "not_tar"])
+def test_ensure_cifar_rejects_bad_archives(
+    tmp_path: Path, server: tuple[str, dict[str, bytes]], member: str
+) -> None:
+    base, files = server
+    src = write_cifar10(tmp_path / "src")
+    if member == "incomplete":
+        (src / "test_batch").unlink()
+        extra = {}
+    else:
+        extra = {member: b"should never be written"}
+    md5 = make_archive(src, tmp_path / "a.tar.gz", extra=extra)
+    files["/a.tar.gz"] = (tmp_path / "a.tar.gz").read_bytes()
+    if member == "not_tar":
+        files["/a.tar.gz"] = b"not a tar archive"
+        md5 = hashlib.md5(files["/a.tar.gz"]).hexdigest()
+    root = tmp_path / "out" / "data"
+    with pytest.raises(DataError, match="unsafe archive member|lacks|cannot extract") as info:
+        ensure_cifar("cifar10", root, url=f"{base}/a.tar.gz", md5=md5)
+    _assert_one_line_with(str(info.value), f"{base}/a.tar.gz", "by hand")
+    assert listing(root) == []
+    assert not (tmp_path / "out" / "escape.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+
+
+@pytest.fixture(scope="module")
+def tiny() -> CifarArrays:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    return CifarArrays(images=images, labels=np.arange(16) % 10, classes=list("abcdefghij"))
+
+
+def test_train_transform_is_a_function_of_seed_epoch_index(tiny: CifarArrays) -> None:
+    ds = CifarDataset(tiny, img_size=48, train=True, seed=3)
+    x, y = ds[(5, 2)]
+    assert x.shape == (3, 48, 48) and x.dtype == torch.float32 and y == 5
+    assert x.min() >= -1 and x.max() <= 1
+    torch.manual_seed(123)  # global RNG must not matter, nor a fresh instance
+    assert torch.equal(CifarDataset(tiny, 48, train=True, seed=3)[(5, 2)][0], x)
+    assert not torch.equal(ds[(5, 3)][0], x)  # a new epoch, a new crop
+    epoch0 = [ds[(i, 0)][0] for i in range(8)]
+    other_seed = CifarDataset(tiny, 48, train=True, seed=4)
+    assert any(not torch.equal(a, other_seed[(i, 0)][0]) for i, a in enumerate(epoch0))
+    with pytest.raises(TypeError, match="index, epoch"):
+        ds[5]
+
+
+def test_train_batches_do_not_depend_on_workers(tiny: CifarArrays) -> None:
+    ds = CifarDataset(tiny, img_size=24, train=True, seed=0)
+    sampler = GlobalBatchSampler(len(ds), global_batch=4, rank=0, world_size=1, seed=0)
+
+    def batches(workers: int) -> list[torch.Tensor]:
+        loader = DataLoader(ds, batch_sampler=sampler, num_workers=workers)
+        return [x for x, _ in itertools.islice(loader, 6)]
+
+    for a, b in zip(batches(0), batches(2), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_test_transform_of_constant_image(tiny: CifarArrays) -> None:
+    value = 200
+    arrays = CifarArrays(np.full((2, 32, 32, 3), value, np.uint8), np.array([3, 4]), tiny.classes)
+    for size in (16, 32, 224):
+        x, y = CifarDataset(arrays, img_size=size, train=False)[1]
+        assert x.shape == (3, size, size) and y == 4
+        torch.testing.assert_close(x, torch.full_like(x, value / 127.5 - 1))
+    extremes = CifarArrays(np.zeros((1, 32, 32, 3), np.uint8), np.array([0]), tiny.classes)
+    extremes.images[0, ::2] = 255
+    x, _ = CifarDataset(extremes, img_size=40, train=False)[0]
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_sample_crop_box_matches_torchvision() -> None:
+    # same draws in the same order: with equally seeded generators the boxes are identical
+    for seed, (h, w) in itertools.product(range(50), [(32, 32), (20, 50)]):
+        ours = sample_crop_box(h, w, SCALE, RATIO, torch.Generator().manual_seed(seed))
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            theirs = RandomResizedCrop.get_params(torch.empty(3, h, w), list(SCALE), list(RATIO))
+        assert ours == theirs
+
+
+def test_sample_crop_box_statistics() -> None:
+    n, height, width = 3000, 32, 32
+    gen = torch.Generator().manual_seed(0)
+    ours = [sample_crop_box(height, width, SCALE, RATIO, gen) for _ in range(n)]
+    with torch.random.fork_rng():
+        torch.manual_seed(12345)
+        img = torch.empty(3, height, width)
+        theirs = [RandomResizedCrop.get_params(img, list(SCALE), list(RATIO)) for _ in range(n)]
+
+    def stats(boxes: list[tuple[int, int, int, int]]) -> tuple[float, float]:
+        area = np.mean([h * w / (height * width) for _, _, h, w in boxes])
+        log_ratio = np.mean([math.log(w / h) for _, _, h, w in boxes])
+        return float(area), float(log_ratio)
+
+    for top, left, h, w in ours:
+        assert 0 <= top <= height - h and 0 <= left <= width - w and h > 0 and w > 0
+        assert 0.04 <= h * w / (height * width) <= 1  # scale, up to rounding to whole pixels
+        assert 0.7 <= w / h <= 1.45  # ratio, up to rounding
+    # tries that do not fit are redrawn, so the mean area is below 0.525 for both
+    area, log_ratio = stats(ours)
+    area_tv, log_ratio_tv = stats(theirs)
+    assert abs(area - area_tv) < 0.03 and 0.4 < area < 0.525
+    assert abs(log_ratio - log_ratio_tv) < 0.03 and abs(log_ratio) < 0.03
+
+
+def test_sample_crop_box_fallback_is_central() -> None:
+    gen = torch.Generator().manual_seed(0)
+    impossible = (2.0, 3.0)  # larger than the image: all ten tries fail
+    assert sample_crop_box(32, 32, impossible, RATIO, gen) == (0, 0, 32, 32)
+    assert sample_crop_box(20, 40, impossible, RATIO, gen) == (0, 6, 20, 27)
+    assert sample_crop_box(40, 20, impossible, RATIO, gen) == (6, 0, 27, 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def take(sampler: GlobalBatchSampler, n: int) -> list[list[tuple[int, int]]]:
+    return list(itertools.islice(sampler, n))
+
+
+def test_rank_slices_form_the_global_batch() -> None:
+    n, gb, steps = 50, 8, 20  # 6 steps per epoch: crosses three epochs
+    reference = take(GlobalBatchSampler(n, gb, rank=0, world_size=1, seed=7), steps)
+    assert GlobalBatchSampler(n, gb, 0, 1, 7).steps_per_epoch == 6
+    for world_size in (2, 4):
+        per_rank = [
+            take(GlobalBatchSampler(n, gb, rank=r, world_size=world_size, seed=7), steps)
+            for r in range(world_size)
+        ]
+        for k in range(steps):
+            assert all(len(per_rank[r][k]) == gb // world_size for r in range(world_size))
+            assert sum((per_rank[r][k] for r in range(world_size)), []) == reference[k]
+
+
+def test_epochs_are_permutations_and_reshuffle() -> None:
+    n, gb = 50, 8
+    batches = take(GlobalBatchSampler(n, gb, 0, 1, seed=0), 12)
+    epochs = [[key for batch in batches[e * 6 : (e + 1) * 6] for key in batch] for e in (0, 1)]
+    for e, keys in enumerate(epochs):
+        indices = [i for i, _ in keys]
+        assert {ep for _, ep in keys} == {e}
+        assert len(indices) == 48 and len(set(indices)) == 48 and set(indices) <= set(range(n))
+    assert [i for i, _ in epochs[0]] != [i for i, _ in epochs[1]]
+    other_seed = take(GlobalBatchSampler(n, gb, 0, 1, seed=1), 6)
+    assert other_seed != batches[:6]
+
+
+@pytest.mark.parametrize("start", [1, 5, 6, 13])
+def test_start_step_resumes_the_same_stream(start: int) -> None:
+    for rank in (0, 1):
+        full = take(GlobalBatchSampler(50, 8, rank, 2, seed=0), start + 8)
+        resumed = take(GlobalBatchSampler(50, 8, rank, 2, seed=0, start_step=start), 8)
+        assert resumed == full[start:]
+
+
+def test_sampler_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        GlobalBatchSampler(50, 6, 0, 4, seed=0)
+    with pytest.raises(ValueError, match="global batch"):
+        GlobalBatchSampler(5, 8, 0, 1, seed=0)
+    with pytest.raises(ValueError, match="rank"):
+        GlobalBatchSampler(50, 8, 2, 2, seed=0)
+
+
+@pytest.mark.parametrize("n", [509, 2, 0])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_shard_indices_cover_each_index_once(n: int, world_size: int) -> None:
+    shards = [shard_indices(n, r, world_size) for r in range(world_size)]
+    assert [i for shard in shards for i in shard] == list(range(n))
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_subset_trains_through_a_loader(subset: Path) -> None:
+    arrays = load_cifar("cifar10", subset, train=True)
+    ds = CifarDataset(arrays, img_size=32, train=True, seed=0)
+    loader = DataLoader(ds, batch_sampler=GlobalBatchSampler(len(ds), 64, 1, 2, seed=0))
+    x, y = next(iter(loader))
+    assert x.shape == (32, 3, 32, 32) and y.dtype == torch.int64
+    assert x.min() >= -1 and x.max() <= 1
