@@ -1,0 +1,500 @@
+"""Fine-tune a Vision Transformer on CIFAR-10/100: one process or many, CPU or CUDA.
+
+python train.py --name cifar10-100_500 --model_type ViT-B_16
+torchrun --nproc_per_node=8 train.py --name cifar10-100_500 --model_type ViT-B_16 --fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Subset
+
+from models.configs import apply_overrides
+from models.modeling import CONFIGS, VisionTransformer
+from models.npz_io import read_npz
+from models.pretrained import default_filename, official_url
+from utils import distributed as dist
+from utils.checkpoint import atomic_save, rng_state, set_rng_state, unwrap
+from utils.cli import Parser, UsageError, add_model_args, run_main
+from utils.data import (
+    CIFAR,
+    CifarDataset,
+    GlobalBatchSampler,
+    ensure_cifar,
+    load_cifar,
+    shard_indices,
+)
+from utils.download import download_file
+from utils.logger import Reporter, setup_logging
+from utils.scheduler import build_scheduler
+
+log = logging.getLogger("vit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="name of this run: log folder and file names")
+    p.add_argument("--dataset", choices=list(CIFAR), default="cifar10", help="(default: cifar10)")
+    add_model_args(p)
+    p.add_argument(
+        "--pretrained_dir",
+        default=None,
+        help="Google .npz checkpoint to start from, downloaded when missing and official; "
+        "'none' to start from random weights (default: checkpoint/<model_type>.npz)",
+    )
+    p.add_argument("--output_dir", default="output", help="checkpoints (default: output)")
+    p.add_argument("--data_dir", default="data", help="data sets, downloaded (default: data)")
+    p.add_argument("--logdir", default="logs", help="TensorBoard runs (default: logs)")
+    p.add_argument(
+        "--train_batch_size",
+        type=int,
+        default=512,
+        help="images per optimizer step on one process, split into "
+        "--gradient_accumulation_steps micro-batches (default: 512)",
+    )
+    p.add_argument("--eval_batch_size", type=int, default=64, help="per process (default: 64)")
+    p.add_argument("--eval_every", type=int, default=100, help="steps between evaluations (100)")
+    p.add_argument("--learning_rate", type=float, default=3e-2, help="peak SGD lr (default: 3e-2)")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="(default: 0)")
+    p.add_argument("--num_steps", type=int, default=10000, help="optimizer steps (10000)")
+    p.add_argument("--decay_type", choices=["cosine", "linear"], default="cosine")
+    p.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up (default: 500)")
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="global-norm clip (1.0)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by launchers")
+    p.add_argument("--seed", type=int, default=42, help="data order, augmentation, init (42)")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="(default: 1)")
+    p.add_argument("--fp16", action="store_true", help="float16 autocast with loss scaling")
+    p.add_argument(
+        "--fp16_opt_level",
+        default="O2",
+        help="accepted for compatibility with apex-based scripts and ignored: "
+        "mixed precision is torch.amp autocast (default: O2)",
+    )
+    p.add_argument(
+        "--loss_scale",
+        type=float,
+        default=0,
+        help="fp16 loss scale: 0 for dynamic scaling, a positive value for a static one (0)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        default=None,
+        help="training precision; bf16 needs no loss scaling (default: fp16 if --fp16, else fp32)",
+    )
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--log_every", type=int, default=10, help="steps between log lines (10)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="a <name>_last.pt to continue from, or 'auto' for this run's own, if any",
+    )
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag in ("train_batch_size", "eval_batch_size", "num_steps", "eval_every", "img_size"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.gradient_accumulation_steps <= 0:
+        raise UsageError("--gradient_accumulation_steps must be positive")
+    if args.train_batch_size % args.gradient_accumulation_steps:
+        raise UsageError(
+            f"--train_batch_size {args.train_batch_size} is not divisible by "
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps}"
+        )
+    if args.warmup_steps < 0 or args.num_workers < 0 or args.log_every <= 0:
+        raise UsageError("--warmup_steps and --num_workers must be >= 0, --log_every > 0")
+    if args.fp16 and args.precision not in (None, "fp16"):
+        raise UsageError(f"--fp16 contradicts --precision {args.precision}; pass one of them")
+
+
+def prepare_output(path: Path) -> None:
+    """Fail now, not after hours of training, when checkpoints cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(
+            f"--output_dir {path} cannot be written ({error.strerror}); choose another folder"
+        ) from None
+
+
+def fetch_pretrained(path: Path) -> Path:
+    """The checkpoint at ``path``, downloaded from Google's bucket first when it is official."""
+    if path.exists():
+        return path
+    url = official_url(path.name)
+    if url is None:
+        raise UsageError(
+            f"--pretrained_dir {path} does not exist and is not the name of an official "
+            "checkpoint (e.g. ViT-B_16.npz); pass an existing file, or 'none' for random weights"
+        )
+    log.info("downloading %s to %s", url, path)
+    return download_file(url, path, desc=path.name)
+
+
+def build_model(args: argparse.Namespace, num_classes: int, pretrained: Path | None):
+    config = apply_overrides(CONFIGS[args.model_type], args.config)
+    try:
+        model = VisionTransformer(config, args.img_size, zero_head=True, num_classes=num_classes)
+    except ValueError as error:
+        raise UsageError(f"cannot build {args.model_type}: {error}") from None
+    if pretrained is not None:
+        model.load_from(read_npz(pretrained))
+        log.info("loaded %s", pretrained)
+    return model
+
+
+@dataclass
+class Precision:
+    """One code path for every precision: an autocast that may be a no-op, a scaler that may be."""
+
+    name: str
+    device: torch.device
+    loss_scale: float
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.name)
+
+    def autocast(self):
+        enabled = self.dtype is not None
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        static = self.loss_scale > 0
+        return torch.amp.GradScaler(
+            self.device.type,
+            enabled=self.name == "fp16",
+            init_scale=self.loss_scale if static else 2.0**16,
+            growth_factor=1.0 if static else 2.0,
+            backoff_factor=1.0 if static else 0.5,
+        )
+
+
+def train_step(model, batch, optimizer, scaler, precision: Precision, accum: int, max_norm: float):
+    """One optimizer update from ``accum`` equal micro-batches; returns (mean loss, grad norm).
+
+    Gradients are all-reduced only on the last micro-batch (``no_sync``). Nothing here waits for
+    the device: the returned values are tensors, read when the log needs them.
+    """
+    images, labels = batch
+    total = torch.zeros((), device=images.device)
+    for i, (x, y) in enumerate(zip(images.chunk(accum), labels.chunk(accum), strict=True)):
+        last = i == accum - 1
+        with nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
+            with precision.autocast():
+                loss = model(x, y) / accum
+            scaler.scale(loss).backward()
+        total += loss.detach()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    scaler.step(optimizer)  # skipped, under fp16, when a gradient is inf or NaN
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: torch.device, precision: Precision) -> tuple[float, float, int]:
+    """Accuracy and mean loss over the whole test set, each process scoring its own share."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with precision.autocast():
+            logits = model(x)[0].float()
+        correct = (logits.argmax(-1) == y).sum()
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        totals += torch.stack(
+            (correct.double(), loss.double(), torch.tensor(len(y), device=device))
+        )
+    model.train()
+    correct, loss, count = dist.all_reduce_sum(totals).tolist()
+    return correct / count, loss / count, int(count)
+
+
+class Meter:
+    """Per-step loss, gradient norm and lr, kept on the device and read once every log step."""
+
+    def __init__(self, global_batch: int) -> None:
+        self.global_batch = global_batch
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+        self.skipped = 0  # fp16 steps whose gradients were inf/NaN
+        self.train_time, self.images = 0.0, 0
+        self.start = self.tick = time.perf_counter()
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+        self.pending.append((step, loss, grad_norm, lr))
+
+    def restart_clock(self) -> None:
+        """Leave evaluation and checkpointing out of the training throughput."""
+        self.tick = time.perf_counter()
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(self.train_time, 1e-9)
+
+    def flush(self, reporter: Reporter) -> float:
+        """Write the pending steps to TensorBoard and the progress line; return the last loss."""
+        if not self.pending:
+            return 0.0
+        values = torch.stack([torch.stack((p[1], p[2])) for p in self.pending]).tolist()
+        elapsed = time.perf_counter() - self.tick
+        self.train_time += elapsed
+        self.images += self.global_batch * len(self.pending)
+        speed = self.global_batch * len(self.pending) / elapsed
+        for (step, _, _, lr), (loss, norm) in zip(self.pending, values, strict=True):
+            reporter.scalars({"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}, step)
+            self.skipped += not math.isfinite(norm)
+        step, lr = self.pending[-1][0], self.pending[-1][3]
+        reporter.scalars({"train/images_per_second": speed}, step)
+        reporter.progress(step, values[-1][0], lr, speed)
+        self.pending.clear()
+        self.tick = time.perf_counter()
+        return values[-1][0]
+
+
+class StopRequest:
+    """SIGTERM or SIGINT asks the loop to finish its step, save, and exit resumable."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+
+def resume_path(args: argparse.Namespace) -> Path | None:
+    if args.resume is None:
+        return None
+    last = Path(args.output_dir) / f"{args.name}_last.pt"
+    if args.resume == "auto":
+        return last if last.exists() else None
+    path = Path(args.resume)
+    if not path.is_file():
+        raise UsageError(f"--resume {path}: no such file (use 'auto' to resume {last} if present)")
+    return path
+
+
+def load_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UsageError(f"--resume {path} is not a readable training state ({error})") from None
+    if not isinstance(state, dict) or "optimizer" not in state:
+        raise UsageError(f"--resume {path} is not a <name>_last.pt training state")
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    ctx = dist.setup(args.local_rank, args.device)
+    setup_logging(ctx.is_main)
+    try:
+        return train(args, ctx)
+    finally:
+        dist.cleanup()
+
+
+def train(args: argparse.Namespace, ctx: dist.Context) -> int:
+    output = Path(args.output_dir)
+    if ctx.is_main:
+        prepare_output(output)
+    resume = resume_path(args)
+    state = load_state(resume) if resume else None
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    if ctx.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    spec = CIFAR[args.dataset]
+    dist.on_main_first(lambda: ensure_cifar(args.dataset, args.data_dir), ctx.is_main)
+    train_set = CifarDataset(
+        load_cifar(args.dataset, args.data_dir, True), args.img_size, True, args.seed
+    )
+    test_set = CifarDataset(load_cifar(args.dataset, args.data_dir, False), args.img_size, False)
+
+    pretrained = None
+    if state is None and str(args.pretrained_dir).lower() != "none":
+        path = Path(args.pretrained_dir or Path("checkpoint") / default_filename(args.model_type))
+        pretrained = dist.on_main_first(lambda: fetch_pretrained(path), ctx.is_main)
+    model = build_model(args, spec.num_classes, pretrained).to(ctx.device)
+    # Dropout masks differ across processes, as they would across the shards of one big batch.
+    torch.manual_seed(args.seed + ctx.rank)
+
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=args.learning_rate,
+        momentum=0.9,
+        weight_decay=args.weight_decay,
+        fused=True if ctx.device.type == "cuda" else None,
+    )
+    scheduler = build_scheduler(optimizer, args.decay_type, args.warmup_steps, args.num_steps)
+    precision = Precision(
+        args.precision or ("fp16" if args.fp16 else "fp32"), ctx.device, args.loss_scale
+    )
+    scaler = precision.scaler()
+    step, best_acc = 0, 0.0
+    if state is not None:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, best_acc = state["step"], state["best_acc"]
+        if len(state["rng"]) == ctx.world_size:
+            set_rng_state(state["rng"][ctx.rank])
+        log.info("resumed from %s at step %d", resume, step)
+    ddp = (
+        DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        if ctx.distributed
+        else model
+    )
+
+    global_batch = args.train_batch_size * ctx.world_size
+    if global_batch > len(train_set):
+        raise UsageError(
+            f"global batch {global_batch} exceeds the {len(train_set)} training images"
+        )
+    sampler = GlobalBatchSampler(
+        len(train_set), global_batch, ctx.rank, ctx.world_size, args.seed, step
+    )
+    loader_kw = dict(
+        num_workers=args.num_workers,
+        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=args.num_workers > 0,
+    )
+    train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kw)
+    shard = Subset(test_set, shard_indices(len(test_set), ctx.rank, ctx.world_size))
+    test_loader = DataLoader(shard, batch_size=args.eval_batch_size, **loader_kw)
+
+    log.info(
+        "%s on %s: %d process(es), global batch %d (%d per process in %d micro-batches of %d), "
+        "%s, %d steps, %d train / %d test images",
+        args.model_type,
+        ctx.device.type,
+        ctx.world_size,
+        global_batch,
+        args.train_batch_size,
+        args.gradient_accumulation_steps,
+        args.train_batch_size // args.gradient_accumulation_steps,
+        precision.name,
+        args.num_steps,
+        len(train_set),
+        len(test_set),
+    )
+    reporter = Reporter(
+        Path(args.logdir) / args.name if ctx.is_main else None, args.num_steps, step, args.log_every
+    )
+    reporter.text("args", "  \n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+
+    def save_last(at_step: int, best_acc: float) -> None:
+        rngs = dist.gather_objects(rng_state())
+        if ctx.is_main:
+            atomic_save(
+                {
+                    "model": unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": at_step,
+                    "best_acc": best_acc,
+                    "rng": rngs,
+                    "args": vars(args),
+                    "config": unwrap(model).config.to_dict(),
+                    "classes": train_set.classes,
+                },
+                output / f"{args.name}_last.pt",
+            )
+
+    stop = StopRequest()
+    meter = Meter(global_batch)
+    last_acc = float("nan")
+    batches = iter(train_loader)
+    model.train()
+    while step < args.num_steps:
+        x, y = next(batches)
+        batch = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        lr = scheduler.get_last_lr()[0]
+        loss, grad_norm = train_step(
+            ddp, batch, optimizer, scaler, precision, args.gradient_accumulation_steps,
+            args.max_grad_norm,
+        )  # fmt: skip
+        scheduler.step()
+        step += 1
+        meter.add(step, loss, grad_norm, lr)
+        evaluate_now = step % args.eval_every == 0 or step == args.num_steps
+        if step % args.log_every == 0 or evaluate_now:
+            last_loss = meter.flush(reporter)
+            if precision.name != "fp16" and not math.isfinite(last_loss):
+                raise UsageError(
+                    f"the loss became {last_loss} by step {step}; stopping. The last good state "
+                    f"is {output / (args.name + '_last.pt')}: lower --learning_rate, then "
+                    "--resume it"
+                )
+        if evaluate_now:
+            acc, test_loss, count = evaluate(unwrap(model), test_loader, ctx.device, precision)
+            last_acc = acc
+            reporter.scalars({"test/accuracy": acc, "test/loss": test_loss}, step)
+            log.info(
+                "step %d: test accuracy %.4f, loss %.4f (%d images)", step, acc, test_loss, count
+            )
+            if acc > best_acc:
+                best_acc = acc
+                if ctx.is_main:
+                    atomic_save(unwrap(model).state_dict(), output / f"{args.name}_checkpoint.bin")
+            save_last(step, best_acc)
+            meter.restart_clock()
+        # Under DDP every process must agree on the step it stops at: ask at log steps only.
+        may_stop = step < args.num_steps and (not ctx.distributed or step % args.log_every == 0)
+        if may_stop and dist.any_rank(stop.signum is not None, ctx.device):
+            meter.flush(reporter)
+            save_last(step, best_acc)
+            log.warning(
+                "stopped by signal at step %d; state saved to %s. Resume with the same command "
+                "and --resume auto", step, output / f"{args.name}_last.pt",
+            )  # fmt: skip
+            reporter.close()
+            return 128 + (stop.signum or signal.SIGTERM)
+
+    wall = time.perf_counter() - meter.start
+    if meter.skipped:
+        log.warning("%d steps skipped by the fp16 loss scaler (inf/NaN gradients)", meter.skipped)
+    reporter.hparams(
+        {k: v for k, v in vars(args).items() if k not in ("config",)}
+        | {"config": " ".join(args.config)},
+        {"hparam/best_accuracy": best_acc, "hparam/final_accuracy": last_acc},
+    )
+    reporter.close()
+    if ctx.is_main:
+        print(
+            f"summary: best accuracy {best_acc:.4f} (chosen on the test set, as the reference "
+            f"does) | final accuracy {last_acc:.4f} | {step} steps | wall time {wall:.1f} s | "
+            f"{meter.images_per_second:.1f} images/s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, "train.py")
