@@ -1,0 +1,95 @@
+"""Files the tests make themselves: CIFAR in the official layout, a local HTTP server."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+import time
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import numpy as np
+
+from utils.data import CIFAR
+from utils.download import md5_of
+
+SUBSET = Path(
+    os.environ.get(
+        "CIFAR10_SUBSET", Path(__file__).resolve().parents[2] / "shared" / "cifar10-subset"
+    )
+)
+SPEC = CIFAR["cifar10"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic files in the official layout
+
+
+def write_pickle(path: Path, obj: object) -> None:
+    path.write_bytes(pickle.dumps(obj, protocol=2))
+
+
+def write_cifar10(root: Path, per_batch: int = 4, seed: int = 0) -> Path:
+    """Write a tiny CIFAR-10 in the official layout under ``root``; return the folder."""
+    rng = np.random.default_rng(seed)
+    folder = root / SPEC.folder
+    folder.mkdir(parents=True)
+    for name in (*SPEC.train_files, *SPEC.test_files):
+        write_pickle(
+            folder / name,
+            {
+                b"batch_label": name.encode(),
+                b"labels": rng.integers(0, 10, per_batch).tolist(),
+                b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            },
+        )
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer"]
+    names += [b"dog", b"frog", b"horse", b"ship", b"truck"]
+    write_pickle(folder / SPEC.meta_file, {b"label_names": names, b"num_vis": 3072})
+    return folder
+
+
+def make_archive(folder: Path, dest: Path, extra: dict[str, bytes] | None = None) -> str:
+    """Pack ``folder`` and ``extra`` raw members as a .tar.gz like the official one; return MD5."""
+    with tarfile.open(dest, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+        for name, data in (extra or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return md5_of(dest)
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A local HTTP server
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves ``self.server.files``; ``/truncated`` promises more bytes than it sends."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path == "/slow":
+            time.sleep(1.0)
+        if self.path == "/truncated":
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"x" * 1000)
+            return
+        body = self.server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
