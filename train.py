@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ from utils.logger import Reporter, setup_logging
 from utils.scheduler import build_scheduler
 
 log = logging.getLogger("vit")
+# A step that the fp16 scaler skips makes PyTorch think the scheduler ran first; it did not.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,8 +236,8 @@ def evaluate(model, loader, device: torch.device, precision: Precision) -> tuple
 class Meter:
     """Per-step loss, gradient norm and lr, kept on the device and read once every log step."""
 
-    def __init__(self, global_batch: int) -> None:
-        self.global_batch = global_batch
+    def __init__(self, global_batch: int, world_size: int) -> None:
+        self.global_batch, self.world_size = global_batch, world_size
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
         self.skipped = 0  # fp16 steps whose gradients were inf/NaN
         self.train_time, self.images = 0.0, 0
@@ -255,7 +258,9 @@ class Meter:
         """Write the pending steps to TensorBoard and the progress line; return the last loss."""
         if not self.pending:
             return 0.0
-        values = torch.stack([torch.stack((p[1], p[2])) for p in self.pending]).tolist()
+        # Mean loss over processes (each saw its shard); the clipped norm is the same everywhere.
+        stacked = torch.stack([torch.stack((p[1], p[2])) for p in self.pending])
+        values = (dist.all_reduce_sum(stacked) / self.world_size).tolist()
         elapsed = time.perf_counter() - self.tick
         self.train_time += elapsed
         self.images += self.global_batch * len(self.pending)
@@ -276,8 +281,13 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
@@ -312,13 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     check_args(args)
     ctx = dist.setup(args.local_rank, args.device)
     setup_logging(ctx.is_main)
+    stop = StopRequest()
     try:
-        return train(args, ctx)
+        return train(args, ctx, stop)
     finally:
+        stop.restore()
         dist.cleanup()
 
 
-def train(args: argparse.Namespace, ctx: dist.Context) -> int:
+def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int:
     output = Path(args.output_dir)
     if ctx.is_main:
         prepare_output(output)
@@ -428,8 +440,7 @@ def train(args: argparse.Namespace, ctx: dist.Context) -> int:
                 output / f"{args.name}_last.pt",
             )
 
-    stop = StopRequest()
-    meter = Meter(global_batch)
+    meter = Meter(global_batch, ctx.world_size)
     last_acc = float("nan")
     batches = iter(train_loader)
     model.train()
