@@ -180,14 +180,16 @@ class Precision:
         enabled = self.dtype is not None
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
 
+    @property
+    def static_scale(self) -> float | None:
+        """The fixed fp16 loss scale (``--loss_scale`` > 0), or None for dynamic scaling."""
+        return self.loss_scale if self.loss_scale > 0 else None
+
     def scaler(self) -> torch.amp.GradScaler:
-        static = self.loss_scale > 0
         return torch.amp.GradScaler(
             self.device.type,
             enabled=self.name == "fp16",
-            init_scale=self.loss_scale if static else 2.0**16,
-            growth_factor=1.0 if static else 2.0,
-            backoff_factor=1.0 if static else 0.5,
+            init_scale=self.static_scale or 2.0**16,
         )
 
 
@@ -209,7 +211,7 @@ def train_step(model, batch, optimizer, scaler, precision: Precision, accum: int
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     scaler.step(optimizer)  # skipped, under fp16, when a gradient is inf or NaN
-    scaler.update()
+    scaler.update(precision.static_scale)  # None: grow or back off dynamically
     optimizer.zero_grad(set_to_none=True)
     return total, grad_norm
 
@@ -317,6 +319,21 @@ def load_state(path: Path) -> dict:
     return state
 
 
+def check_resumable(state: dict, args: argparse.Namespace, path: Path, global_batch: int) -> None:
+    """A state continues only the run that wrote it: the same model, data and global batch."""
+    if state["global_batch"] != global_batch:
+        raise UsageError(
+            f"--resume {path} was written with a global batch of {state['global_batch']}, not "
+            f"{global_batch}; set --train_batch_size x processes to match"
+        )
+    for key in ("model_type", "config", "img_size", "dataset", "seed"):
+        if state["args"].get(key) != getattr(args, key):
+            raise UsageError(
+                f"--resume {path} was written with --{key} {state['args'].get(key)}, "
+                f"not {getattr(args, key)}; pass the same flags as the interrupted run"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -336,6 +353,9 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         prepare_output(output)
     resume = resume_path(args)
     state = load_state(resume) if resume else None
+    global_batch = args.train_batch_size * ctx.world_size
+    if state is not None:
+        check_resumable(state, args, resume, global_batch)
     torch.manual_seed(args.seed)  # the same initial weights on every process
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -384,7 +404,6 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         else model
     )
 
-    global_batch = args.train_batch_size * ctx.world_size
     if global_batch > len(train_set):
         raise UsageError(
             f"global batch {global_batch} exceeds the {len(train_set)} training images"
@@ -396,6 +415,9 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         num_workers=args.num_workers,
         pin_memory=ctx.device.type == "cuda",
         persistent_workers=args.num_workers > 0,
+        # Their own generator: starting an iterator must not draw from the global RNG, which
+        # drives dropout and is restored on resume.
+        generator=torch.Generator().manual_seed(args.seed),
     )
     train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kw)
     shard = Subset(test_set, shard_indices(len(test_set), ctx.rank, ctx.world_size))
@@ -431,6 +453,7 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
                     "step": at_step,
+                    "global_batch": global_batch,
                     "best_acc": best_acc,
                     "rng": rngs,
                     "args": vars(args),

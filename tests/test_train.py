@@ -53,6 +53,7 @@ def run_cli(tmp_path: Path, *args: str, script: str = "train.py") -> subprocess.
         "HTTPS_PROXY": proxy,
         "PYTHONPATH": str(REPO),
     }
+    tmp_path.mkdir(parents=True, exist_ok=True)
     defaults = ["--output_dir", str(tmp_path / "output"), "--logdir", str(tmp_path / "logs")]
     return subprocess.run(
         [sys.executable, str(REPO / script), *defaults, *args],

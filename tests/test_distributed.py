@@ -1,0 +1,198 @@
+"""Many processes, mixed precision and interrupted runs, all checked against an equivalent run.
+
+Multi-process runs use ``torchrun`` with the gloo backend on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from tests.test_train import SMALL, closed_port, run_cli
+
+pytestmark = pytest.mark.slow
+NO_DROPOUT = ["--config", "transformer.dropout_rate=0"]
+
+
+def torchrun(tmp_path: Path, nproc: int, *args: str, wait: bool = True):
+    """``torchrun --nproc_per_node nproc train.py ...`` on the CPU; Popen when not waiting."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(closed_port()),
+        str(Path(train.__file__)), "--output_dir", str(tmp_path / "output"),
+        "--logdir", str(tmp_path / "logs"), *args,
+    ]  # fmt: skip
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(train.__file__).parent), "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+    return subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def last_state(folder: Path, name: str) -> dict:
+    return torch.load(folder / "output" / f"{name}_last.pt", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-4, msg=key)
+
+
+def accuracies(log: str) -> list[tuple[float, int]]:
+    return [
+        (float(a), int(n)) for a, n in re.findall(r"test accuracy ([\d.]+), .*\((\d+) images", log)
+    ]
+
+
+def test_torchrun_equals_one_process(tmp_path: Path, subset: Path) -> None:
+    """2 processes x 8 images (in 2 micro-batches each) == 1 process x 16 images, step by step."""
+    common = [*SMALL, *NO_DROPOUT, "--pretrained_dir", "none", "--data_dir", str(subset),
+              "--num_steps", "12", "--eval_every", "6", "--warmup_steps", "2"]  # fmt: skip
+    two = torchrun(
+        tmp_path / "two", 2, "--name", "r", *common, "--train_batch_size", "8",
+        "--gradient_accumulation_steps", "2",
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_cli(tmp_path / "one", "--name", "r", *common, "--train_batch_size", "16")
+    assert one.returncode == 0, one.stderr
+    assert "global batch 16 (8 per process in 2 micro-batches of 4)" in two.stderr
+    assert_same_weights(
+        last_state(tmp_path / "two", "r")["model"], last_state(tmp_path / "one", "r")["model"]
+    )
+    two_acc, one_acc = accuracies(two.stderr), accuracies(one.stderr)
+    assert [n for _, n in two_acc] == [509, 509]
+    assert two_acc == one_acc
+
+
+def test_evaluation_counts_every_image_once_with_three_processes(
+    tmp_path: Path, subset: Path
+) -> None:
+    """509 test images over 3 processes: shares of 170, 170 and 169, no padding duplicates."""
+    common = [*SMALL, *NO_DROPOUT, "--pretrained_dir", "none", "--data_dir", str(subset),
+              "--num_steps", "2", "--eval_every", "2", "--eval_batch_size", "50"]  # fmt: skip
+    three = torchrun(tmp_path / "three", 3, "--name", "r", *common, "--train_batch_size", "4")
+    assert three.returncode == 0, three.stderr[-3000:]
+    one = run_cli(tmp_path / "one", "--name", "r", *common, "--train_batch_size", "12")
+    assert one.returncode == 0, one.stderr
+    assert accuracies(three.stderr) == accuracies(one.stderr)
+    assert accuracies(three.stderr)[0][1] == 509
+
+
+def run_in_process(tmp_path: Path, subset: Path, *extra: str) -> int:
+    return train.main(
+        [
+            "--name", "run", *SMALL, "--pretrained_dir", "none", "--data_dir", str(subset),
+            "--output_dir", str(tmp_path / "output"), "--logdir", str(tmp_path / "logs"),
+            "--train_batch_size", "16", "--num_steps", "16", "--eval_every", "8",
+            "--warmup_steps", "3", "--log_every", "4", *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run(
+    tmp_path: Path, subset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dropout on: the RNG state is part of what a resumed run must restore."""
+    assert run_in_process(tmp_path / "straight", subset) == 0
+    straight = last_state(tmp_path / "straight", "run")
+
+    real_step, calls = train.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 6:  # a real SIGTERM, delivered to this process mid-run
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+    assert run_in_process(tmp_path / "split", subset) == 128 + signal.SIGTERM
+    monkeypatch.setattr(train, "train_step", real_step)
+    stopped = last_state(tmp_path / "split", "run")
+    assert stopped["step"] == 6
+    assert run_in_process(tmp_path / "split", subset, "--resume", "auto") == 0
+    resumed = last_state(tmp_path / "split", "run")
+
+    assert resumed["step"] == straight["step"] == 16
+    assert_same_weights(resumed["model"], straight["model"], atol=1e-6)
+    momentum = [s["momentum_buffer"] for s in straight["optimizer"]["state"].values()]
+    momentum_resumed = [s["momentum_buffer"] for s in resumed["optimizer"]["state"].values()]
+    for a, b in zip(momentum, momentum_resumed, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert resumed["scheduler"] == straight["scheduler"]
+    assert resumed["best_acc"] == straight["best_acc"]
+
+
+def test_resume_refuses_another_model(tmp_path: Path, subset: Path) -> None:
+    assert run_in_process(tmp_path, subset, "--num_steps", "8") == 0
+    with pytest.raises(train.UsageError, match="--img_size"):
+        run_in_process(tmp_path, subset, "--resume", "auto", "--img_size", "16")
+
+
+def test_sigterm_to_torchrun_leaves_a_resumable_state(tmp_path: Path, subset: Path) -> None:
+    common = [*SMALL, "--pretrained_dir", "none", "--data_dir", str(subset), "--num_steps", "200",
+              "--eval_every", "100", "--train_batch_size", "8", "--log_every", "1",
+              "--name", "r"]  # fmt: skip
+    straight = torchrun(tmp_path / "straight", 2, *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run = torchrun(tmp_path / "split", 2, *common, wait=False)
+    lines = []
+    for line in run.stdout:  # wait until training is under way, then preempt it
+        lines.append(line)
+        if re.search(r"step (2\d)/200", line):
+            run.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + run.communicate(timeout=300)[0]
+    assert "Resume with the same command and --resume auto" in output, output[-3000:]
+    stopped = last_state(tmp_path / "split", "r")
+    assert 20 <= stopped["step"] < 200
+
+    resumed = torchrun(tmp_path / "split", 2, *common, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert_same_weights(
+        last_state(tmp_path / "split", "r")["model"],
+        last_state(tmp_path / "straight", "r")["model"],
+    )
+
+
+@pytest.mark.parametrize("precision", [["--fp16"], ["--precision", "bf16"]])
+def test_mixed_precision_runs_on_the_cpu(
+    tmp_path: Path, subset: Path, precision: list[str]
+) -> None:
+    result = run_cli(
+        tmp_path, "--name", "amp", *SMALL, *precision, "--pretrained_dir", "none",
+        "--data_dir", str(subset), "--train_batch_size", "16", "--num_steps", "6",
+        "--eval_every", "3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"final accuracy 0\.\d+", result.stdout)
+    assert "fp16" in result.stderr if precision == ["--fp16"] else "bf16" in result.stderr
+
+
+def test_fp16_overflow_is_skipped_and_counted(tmp_path: Path, subset: Path) -> None:
+    """A static loss scale of 1e10 overflows float16 gradients: every update is skipped."""
+    result = run_cli(
+        tmp_path, "--name", "ovf", *SMALL, "--fp16", "--loss_scale", "1e10",
+        "--pretrained_dir", "none", "--data_dir", str(subset), "--train_batch_size", "16",
+        "--num_steps", "3", "--eval_every", "3", "--warmup_steps", "0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "3 steps skipped by the fp16 loss scaler" in result.stderr
+    state = torch.load(tmp_path / "output" / "ovf_last.pt", weights_only=True)
+    assert state["optimizer"]["state"] == {}, "a skipped step must not touch the optimizer"
