@@ -94,15 +94,42 @@ def get_r50_b16_config() -> ml_collections.ConfigDict:
     return _hybrid("B", (3, 4, 9))
 
 
+def get_r_ti16_config() -> ml_collections.ConfigDict:
+    """R+ViT-Ti/16 (AugReg): the ResNet stem alone (stride 4), then 8x8 patches."""
+    config = _hybrid("Ti", ())
+    config.patches.size = (8, 8)
+    return config
+
+
+def get_r26_s32_config() -> ml_collections.ConfigDict:
+    """R26+ViT-S/32 (AugReg): ResNet-26 stages (2, 2, 2, 2), stride 32."""
+    return _hybrid("S", (2, 2, 2, 2))
+
+
+def get_r26_b32_config() -> ml_collections.ConfigDict:
+    return _hybrid("B", (2, 2, 2, 2))
+
+
+def get_r50_l32_config() -> ml_collections.ConfigDict:
+    """R50+ViT-L/32: ResNet-50 stages (3, 4, 6, 3), stride 32."""
+    return _hybrid("L", (3, 4, 6, 3))
+
+
 CONFIGS: dict[str, ml_collections.ConfigDict] = {
     "ViT-Ti_16": get_ti16_config(),
     "ViT-S_16": get_s16_config(),
+    "ViT-S_32": _vit("S", 32),
+    "ViT-B_8": _vit("B", 8),
     "ViT-B_16": get_b16_config(),
     "ViT-B_32": get_b32_config(),
     "ViT-L_16": get_l16_config(),
     "ViT-L_32": get_l32_config(),
     "ViT-H_14": get_h14_config(),
     "R50-ViT-B_16": get_r50_b16_config(),
+    "R+ViT-Ti_16": get_r_ti16_config(),
+    "R26+ViT-S_32": get_r26_s32_config(),
+    "R26+ViT-B_32": get_r26_b32_config(),
+    "R50+ViT-L_32": get_r50_l32_config(),
     "testing": get_testing(),
 }
 for _config in CONFIGS.values():
@@ -141,9 +168,18 @@ def _parse_scalar(text: str, like: object, key: str, field_type: type | None) ->
     raise ConfigOverrideError(f"--config {key}: fields of type {kind.__name__} cannot be set")
 
 
+# Tuples whose length may change (the number of ResNet stages); others keep theirs.
+_VARIABLE_LENGTH = {"resnet.num_layers"}
+
+
 def _parse_value(text: str, current: object, key: str, field_type: type | None) -> object:
     if isinstance(current, tuple):
         parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+        if key in _VARIABLE_LENGTH:
+            try:
+                return tuple(int(p) for p in parts)
+            except ValueError:
+                raise ConfigOverrideError(f"--config {key}={text}: expected integers") from None
         if len(parts) != len(current):
             raise ConfigOverrideError(
                 f"--config {key}={text}: expected {len(current)} comma-separated values "

@@ -13,10 +13,7 @@ from pathlib import Path
 BUCKET = "https://storage.googleapis.com/vit_models"
 
 # The paper's checkpoints, by model name; the hybrid's file name in the bucket uses "+".
-IMAGENET21K = (
-    "ViT-B_16", "ViT-B_32", "ViT-B_8", "ViT-L_16", "ViT-L_32", "ViT-H_14",
-    "R50+ViT-B_16", "R26+ViT-B_32", "R50+ViT-L_32",
-)  # fmt: skip
+IMAGENET21K = ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14", "R50+ViT-B_16")
 IMAGENET21K_IMAGENET2012 = (
     "ViT-B_16", "ViT-B_16-224", "ViT-B_32", "ViT-L_16", "ViT-L_16-224", "ViT-L_32",
     "R50+ViT-B_16",
@@ -88,6 +85,18 @@ def official_url(filename: str) -> str | None:
     return f"{BUCKET}/imagenet21k/{model}.npz" if model in IMAGENET21K else None
 
 
+# Model types whose ImageNet-21k weights exist only as AugReg files: their pre-training checkpoint.
+_AUGREG_I21K = {
+    "ViT-Ti_16": "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz",
+    "ViT-S_16": "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
+    "ViT-S_32": "S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
+    "ViT-B_8": "B_8-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
+    "R+ViT-Ti_16": "R_Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz",
+    "R26+ViT-S_32": "R26_S_32-i21k-300ep-lr_0.001-aug_medium2-wd_0.03-do_0.0-sd_0.0.npz",
+    "R50+ViT-L_32": "R50_L_32-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0.npz",
+}
+
+
 def default_filename(model_type: str) -> str:
     """The ImageNet-21k checkpoint file that ``--model_type`` fine-tunes from by default."""
-    return f"{_ALIASES.get(model_type, model_type)}.npz"
+    return _AUGREG_I21K.get(model_type) or f"{_ALIASES.get(model_type, model_type)}.npz"

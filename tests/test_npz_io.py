@@ -231,3 +231,33 @@ def test_official_urls() -> None:
     augreg = "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz"
     assert official_url(augreg) == f"{bucket}/augreg/{augreg}"
     assert official_url("my_model.npz") is None and official_url("ViT-B_16.bin") is None
+
+
+@pytest.mark.parametrize(
+    "name, timm_name",
+    [
+        ("ViT-S_32", "vit_small_patch32_224"),
+        ("ViT-B_8", "vit_base_patch8_224"),
+        ("R+ViT-Ti_16", "vit_tiny_r_s16_p8_224"),
+        ("R26+ViT-S_32", "vit_small_r26_s32_224"),
+        ("R26+ViT-B_32", "vit_base_r26_s32_224"),
+        ("R50+ViT-L_32", "vit_large_r50_s32_224"),
+    ],
+)
+def test_augreg_and_hybrid_layouts_match_timms_loader(
+    tmp_path: Path, name: str, timm_name: str
+) -> None:
+    """Each layout, written by us, is read by timm's loader with the same logits (at 64 px)."""
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import _load_weights
+
+    path = tmp_path / f"{name}.npz"
+    model = randomise(VisionTransformer(CONFIGS[name], img_size=64, num_classes=10), conv_std=2.0)
+    model.export_npz(str(path))
+    ours = VisionTransformer(CONFIGS[name], img_size=64, num_classes=10).eval()
+    ours.load_from(np.load(path))
+    theirs = timm.create_model(timm_name, pretrained=False, num_classes=10, img_size=64).eval()
+    _load_weights(theirs, str(path))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], theirs(x), atol=1e-4, rtol=0)
