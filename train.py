@@ -7,6 +7,7 @@ torchrun --nproc_per_node=8 train.py --name cifar10-100_500 --model_type ViT-B_1
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 
+from models.checkpoint import load_resized, read_checkpoint
 from models.configs import apply_overrides
 from models.modeling import CONFIGS, VisionTransformer
 from models.npz_io import read_npz
@@ -29,14 +31,8 @@ from models.pretrained import default_filename, official_url
 from utils import distributed as dist
 from utils.checkpoint import atomic_save, rng_state, set_rng_state, unwrap
 from utils.cli import Parser, UsageError, add_model_args, run_main
-from utils.data import (
-    CIFAR,
-    CifarDataset,
-    GlobalBatchSampler,
-    ensure_cifar,
-    load_cifar,
-    shard_indices,
-)
+from utils.data import CIFAR, GlobalBatchSampler, ensure_cifar, shard_indices
+from utils.datasets import DATASETS, RunData, build_datasets
 from utils.download import download_file
 from utils.logger import Reporter, setup_logging
 from utils.scheduler import build_scheduler
@@ -49,7 +45,26 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="name of this run: log folder and file names")
-    p.add_argument("--dataset", choices=list(CIFAR), default="cifar10", help="(default: cifar10)")
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="cifar10",
+        help="cifar10, cifar100, or imagefolder: your own --data_dir/train/<class>/* and "
+        "val/<class>/* (default: cifar10)",
+    )
+    p.add_argument(
+        "--val_split",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of the training images (fixed by --seed) to select the best "
+        "checkpoint; the test set is then scored once, at the end. 0 selects on the test set, "
+        "as the reference does (default: 0)",
+    )
+    p.add_argument(
+        "--hflip",
+        action="store_true",
+        help="random horizontal flips, as Google's fine-tuning recipe uses (off in the reference)",
+    )
     add_model_args(p)
     p.add_argument(
         "--pretrained_dir",
@@ -121,6 +136,8 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.warmup_steps < 0 or args.num_workers < 0 or args.log_every <= 0:
         raise UsageError("--warmup_steps and --num_workers must be >= 0, --log_every > 0")
+    if not 0 <= args.val_split < 1:
+        raise UsageError(f"--val_split must be in [0, 1), got {args.val_split}")
     if args.fp16 and args.precision not in (None, "fp16"):
         raise UsageError(f"--fp16 contradicts --precision {args.precision}; pass one of them")
 
@@ -152,16 +169,12 @@ def fetch_pretrained(path: Path) -> Path:
     return download_file(url, path, desc=path.name)
 
 
-def build_model(args: argparse.Namespace, num_classes: int, pretrained: Path | None):
+def build_model(args: argparse.Namespace, num_classes: int) -> VisionTransformer:
     config = apply_overrides(CONFIGS[args.model_type], args.config)
     try:
-        model = VisionTransformer(config, args.img_size, zero_head=True, num_classes=num_classes)
+        return VisionTransformer(config, args.img_size, zero_head=True, num_classes=num_classes)
     except ValueError as error:
         raise UsageError(f"cannot build {args.model_type}: {error}") from None
-    if pretrained is not None:
-        model.load_from(read_npz(pretrained))
-        log.info("loaded %s", pretrained)
-    return model
 
 
 @dataclass
@@ -347,6 +360,77 @@ def main(argv: list[str] | None = None) -> int:
         dist.cleanup()
 
 
+def build_data(args: argparse.Namespace, ctx: dist.Context) -> RunData:
+    if args.dataset in CIFAR:  # downloaded once, by rank 0, while the others wait
+        dist.on_main_first(lambda: ensure_cifar(args.dataset, args.data_dir), ctx.is_main)
+    data = build_datasets(
+        args.dataset, args.data_dir, args.img_size, args.seed, args.val_split, args.hflip
+    )
+    global_batch = args.train_batch_size * ctx.world_size
+    if global_batch > len(data.train):
+        raise UsageError(
+            f"global batch {global_batch} exceeds the {len(data.train)} training images"
+        )
+    return data
+
+
+def load_initial_weights(args: argparse.Namespace, ctx: dist.Context, model) -> None:
+    """Google's .npz (downloaded when official and missing), or one of our own checkpoints."""
+    if str(args.pretrained_dir).lower() == "none":
+        return
+    path = Path(args.pretrained_dir or Path("checkpoint") / default_filename(args.model_type))
+    if path.suffix in (".bin", ".pt"):
+        state_dict, _ = read_checkpoint(path)
+        load_resized(model, state_dict, keep_head=False)
+    else:
+        path = dist.on_main_first(lambda: fetch_pretrained(path), ctx.is_main)
+        model.load_from(read_npz(path))
+    log.info("loaded %s", path)
+
+
+def make_loader(dataset, args: argparse.Namespace, ctx: dist.Context, **kwargs) -> DataLoader:
+    return DataLoader(
+        dataset,
+        num_workers=args.num_workers,
+        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=args.num_workers > 0,
+        # Its own generator: starting an iterator must not draw from the global RNG, which
+        # drives dropout and is restored on resume.
+        generator=torch.Generator().manual_seed(args.seed),
+        **kwargs,
+    )
+
+
+def eval_loader(dataset, args: argparse.Namespace, ctx: dist.Context) -> DataLoader:
+    """This process's share of ``dataset``: every image is scored exactly once in all."""
+    shard = Subset(dataset, shard_indices(len(dataset), ctx.rank, ctx.world_size))
+    return make_loader(shard, args, ctx, batch_size=args.eval_batch_size)
+
+
+def checkpoint_metadata(args: argparse.Namespace, classes: list[str]) -> dict:
+    """What evaluate.py, predict.py and export.py need to rebuild the model of a ``.bin``."""
+    keys = ("model_type", "config", "img_size", "dataset")
+    return {"args": {k: getattr(args, k) for k in keys}, "classes": classes}
+
+
+def save_best(model, args: argparse.Namespace, output: Path, classes: list[str]) -> None:
+    """The reference's ``<name>_checkpoint.bin`` (a bare state_dict) and a ``.json`` beside it."""
+    bin_path = output / f"{args.name}_checkpoint.bin"
+    atomic_save(unwrap(model).state_dict(), bin_path)
+    meta = bin_path.with_suffix(".json")
+    meta.with_suffix(".json.tmp").write_text(json.dumps(checkpoint_metadata(args, classes)))
+    os.replace(meta.with_suffix(".json.tmp"), meta)
+
+
+def score_test(model, test_set, best_path: Path, args, ctx, precision: Precision):
+    """Test accuracy and loss of the final weights, then of the best ones (left in ``model``)."""
+    loader = eval_loader(test_set, args, ctx)
+    final = evaluate(model, loader, ctx.device, precision)
+    dist.barrier()  # rank 0 has written the best weights
+    model.load_state_dict(read_checkpoint(best_path)[0])
+    return final, evaluate(model, loader, ctx.device, precision)
+
+
 def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int:
     output = Path(args.output_dir)
     if ctx.is_main:
@@ -361,18 +445,11 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    spec = CIFAR[args.dataset]
-    dist.on_main_first(lambda: ensure_cifar(args.dataset, args.data_dir), ctx.is_main)
-    train_set = CifarDataset(
-        load_cifar(args.dataset, args.data_dir, True), args.img_size, True, args.seed
-    )
-    test_set = CifarDataset(load_cifar(args.dataset, args.data_dir, False), args.img_size, False)
-
-    pretrained = None
-    if state is None and str(args.pretrained_dir).lower() != "none":
-        path = Path(args.pretrained_dir or Path("checkpoint") / default_filename(args.model_type))
-        pretrained = dist.on_main_first(lambda: fetch_pretrained(path), ctx.is_main)
-    model = build_model(args, spec.num_classes, pretrained).to(ctx.device)
+    data = build_data(args, ctx)
+    model = build_model(args, len(data.classes))
+    if state is None:
+        load_initial_weights(args, ctx, model)
+    model.to(ctx.device)
     # Dropout masks differ across processes, as they would across the shards of one big batch.
     torch.manual_seed(args.seed + ctx.rank)
 
@@ -388,62 +465,41 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         args.precision or ("fp16" if args.fp16 else "fp32"), ctx.device, args.loss_scale
     )
     scaler = precision.scaler()
-    step, best_acc = 0, 0.0
+    step, best_acc, best_step = 0, 0.0, 0
     if state is not None:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        step, best_acc = state["step"], state["best_acc"]
+        step, best_acc, best_step = state["step"], state["best_acc"], state["best_step"]
         if len(state["rng"]) == ctx.world_size:
             set_rng_state(state["rng"][ctx.rank])
         log.info("resumed from %s at step %d", resume, step)
-    ddp = (
-        DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        if ctx.distributed
-        else model
-    )
+    ddp = model
+    if ctx.distributed:
+        ddp = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
-    if global_batch > len(train_set):
-        raise UsageError(
-            f"global batch {global_batch} exceeds the {len(train_set)} training images"
-        )
     sampler = GlobalBatchSampler(
-        len(train_set), global_batch, ctx.rank, ctx.world_size, args.seed, step
+        len(data.train), global_batch, ctx.rank, ctx.world_size, args.seed, step
     )
-    loader_kw = dict(
-        num_workers=args.num_workers,
-        pin_memory=ctx.device.type == "cuda",
-        persistent_workers=args.num_workers > 0,
-        # Their own generator: starting an iterator must not draw from the global RNG, which
-        # drives dropout and is restored on resume.
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kw)
-    shard = Subset(test_set, shard_indices(len(test_set), ctx.rank, ctx.world_size))
-    test_loader = DataLoader(shard, batch_size=args.eval_batch_size, **loader_kw)
-
+    train_loader = make_loader(data.train, args, ctx, batch_sampler=sampler)
+    select_loader = eval_loader(data.select, args, ctx)
+    name = data.select_name
     log.info(
         "%s on %s: %d process(es), global batch %d (%d per process in %d micro-batches of %d), "
-        "%s, %d steps, %d train / %d test images",
-        args.model_type,
-        ctx.device.type,
-        ctx.world_size,
-        global_batch,
-        args.train_batch_size,
+        "%s, %d steps, %d train / %d %s images%s",
+        args.model_type, ctx.device.type, ctx.world_size, global_batch, args.train_batch_size,
         args.gradient_accumulation_steps,
-        args.train_batch_size // args.gradient_accumulation_steps,
-        precision.name,
-        args.num_steps,
-        len(train_set),
-        len(test_set),
-    )
+        args.train_batch_size // args.gradient_accumulation_steps, precision.name,
+        args.num_steps, len(data.train), len(data.select), name,
+        f" / {len(data.test)} test images" if data.test is not None else "",
+    )  # fmt: skip
     reporter = Reporter(
         Path(args.logdir) / args.name if ctx.is_main else None, args.num_steps, step, args.log_every
     )
     reporter.text("args", "  \n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 
-    def save_last(at_step: int, best_acc: float) -> None:
+    def save_last(at_step: int) -> None:
         rngs = dist.gather_objects(rng_state())
         if ctx.is_main:
             atomic_save(
@@ -455,10 +511,11 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
                     "step": at_step,
                     "global_batch": global_batch,
                     "best_acc": best_acc,
+                    "best_step": best_step,
                     "rng": rngs,
                     "args": vars(args),
                     "config": unwrap(model).config.to_dict(),
-                    "classes": train_set.classes,
+                    "classes": data.classes,
                 },
                 output / f"{args.name}_last.pt",
             )
@@ -488,23 +545,24 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
                     "--resume it"
                 )
         if evaluate_now:
-            acc, test_loss, count = evaluate(unwrap(model), test_loader, ctx.device, precision)
+            acc, loss_value, count = evaluate(unwrap(model), select_loader, ctx.device, precision)
             last_acc = acc
-            reporter.scalars({"test/accuracy": acc, "test/loss": test_loss}, step)
+            reporter.scalars({f"{name}/accuracy": acc, f"{name}/loss": loss_value}, step)
             log.info(
-                "step %d: test accuracy %.4f, loss %.4f (%d images)", step, acc, test_loss, count
-            )
-            if acc > best_acc:
-                best_acc = acc
+                "step %d: %s accuracy %.4f, loss %.4f (%d images)",
+                step, name, acc, loss_value, count,
+            )  # fmt: skip
+            if acc > best_acc or best_step == 0:
+                best_acc, best_step = acc, step
                 if ctx.is_main:
-                    atomic_save(unwrap(model).state_dict(), output / f"{args.name}_checkpoint.bin")
-            save_last(step, best_acc)
+                    save_best(model, args, output, data.classes)
+            save_last(step)
             meter.restart_clock()
         # Under DDP every process must agree on the step it stops at: ask at log steps only.
         may_stop = step < args.num_steps and (not ctx.distributed or step % args.log_every == 0)
         if may_stop and dist.any_rank(stop.signum is not None, ctx.device):
             meter.flush(reporter)
-            save_last(step, best_acc)
+            save_last(step)
             log.warning(
                 "stopped by signal at step %d; state saved to %s. Resume with the same command "
                 "and --resume auto", step, output / f"{args.name}_last.pt",
@@ -515,16 +573,39 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     wall = time.perf_counter() - meter.start
     if meter.skipped:
         log.warning("%d steps skipped by the fp16 loss scaler (inf/NaN gradients)", meter.skipped)
-    reporter.hparams(
-        {k: v for k, v in vars(args).items() if k not in ("config",)}
-        | {"config": " ".join(args.config)},
-        {"hparam/best_accuracy": best_acc, "hparam/final_accuracy": last_acc},
-    )
+    metrics = {"hparam/best_accuracy": best_acc, "hparam/final_accuracy": last_acc}
+    if name == "test":
+        verdict = (
+            f"best accuracy {best_acc:.4f} at step {best_step} (test set, which also selected "
+            f"it, as the reference does: an optimistic figure) | final accuracy {last_acc:.4f}"
+        )
+    elif data.test is None:
+        verdict = (
+            f"best accuracy {best_acc:.4f} at step {best_step} (validation split, no test set) | "
+            f"final accuracy {last_acc:.4f} (validation)"
+        )
+    else:
+        best_path = output / f"{args.name}_checkpoint.bin"
+        final_test, best_test = score_test(
+            unwrap(model), data.test, best_path, args, ctx, precision
+        )
+        reporter.scalars(
+            {"test/accuracy_final": final_test[0], "test/loss_final": final_test[1],
+             "test/accuracy_best": best_test[0], "test/loss_best": best_test[1]},
+            step,
+        )  # fmt: skip
+        metrics |= {"hparam/test_accuracy_final": final_test[0],
+                    "hparam/test_accuracy_best": best_test[0]}  # fmt: skip
+        verdict = (
+            f"final accuracy {final_test[0]:.4f} (test set, final weights) | best accuracy "
+            f"{best_test[0]:.4f} (test set, weights of step {best_step}, selected on validation "
+            f"accuracy {best_acc:.4f}; the test set played no part in selection)"
+        )
+    reporter.hparams({**vars(args), "config": " ".join(args.config)}, metrics)
     reporter.close()
     if ctx.is_main:
         print(
-            f"summary: best accuracy {best_acc:.4f} (chosen on the test set, as the reference "
-            f"does) | final accuracy {last_acc:.4f} | {step} steps | wall time {wall:.1f} s | "
+            f"summary: {verdict} | {step} steps | wall time {wall:.1f} s | "
             f"{meter.images_per_second:.1f} images/s"
         )
     return 0

@@ -358,16 +358,18 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
 class CifarDataset(Dataset):
     """CIFAR images as normalised float32 (3, img_size, img_size) tensors with int labels.
 
-    Keys: ``(index, epoch)`` for training, whose random crop comes only from
-    ``(seed, epoch, index)``; for evaluation a plain ``index`` (or ``(index, epoch)``, epoch
-    ignored).
-    Resizing is done in float32 so that upsampling 32 px to 224 px keeps sub-level precision.
+    Keys: ``(index, epoch)`` for training, whose random crop (and flip, with ``hflip``) comes only
+    from ``(seed, epoch, index)``; for evaluation a plain ``index`` (or ``(index, epoch)``, epoch
+    ignored). Resizing is done in float32 so that upsampling 32 px to 224 px keeps sub-level
+    precision. Subclasses read other sources by overriding ``load``.
     """
 
     SCALE = (0.05, 1.0)  # RandomResizedCrop area range of the reference ViT-pytorch
     RATIO = (3 / 4, 4 / 3)
 
-    def __init__(self, arrays: CifarArrays, img_size: int, train: bool, seed: int = 0) -> None:
+    def __init__(
+        self, arrays: CifarArrays, img_size: int, train: bool, seed: int = 0, hflip: bool = False
+    ) -> None:
         # (N, 32, 32, 3) HWC numpy -> (N, 3, 32, 32) CHW tensor, contiguous so workers share pages
         self.images = torch.from_numpy(arrays.images).permute(0, 3, 1, 2).contiguous()
         self.labels = arrays.labels.tolist()
@@ -375,9 +377,14 @@ class CifarDataset(Dataset):
         self.img_size = img_size
         self.train = train
         self.seed = seed
+        self.hflip = hflip
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def load(self, index: int) -> torch.Tensor:
+        """Image ``index`` as a uint8 (3, H, W) tensor."""
+        return self.images[index]
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         if isinstance(key, tuple):
@@ -389,7 +396,7 @@ class CifarDataset(Dataset):
             )
         else:
             index, epoch = operator.index(key), 0
-        image = self.images[index].float()  # (3, 32, 32), values 0..255
+        image = self.load(index).float()  # (3, H, W), values 0..255
         size = [self.img_size, self.img_size]
         if self.train:
             generator = torch.Generator().manual_seed(mix_seed("crop", self.seed, epoch, index))
@@ -397,9 +404,46 @@ class CifarDataset(Dataset):
             image = TF.resized_crop(
                 image, top, left, h, w, size, InterpolationMode.BILINEAR, antialias=True
             )
+            # Drawn after the box, so that the crops are the same with and without --hflip.
+            if self.hflip and torch.rand(1, generator=generator).item() < 0.5:
+                image = image.flip(-1)
         else:
             image = TF.resize(image, size, InterpolationMode.BILINEAR, antialias=True)
         return normalize(image), self.labels[index]
+
+
+class KeyedSubset(Dataset):
+    """The items ``indices`` of a dataset, passing ``(index, epoch)`` keys through.
+
+    Augmentation stays keyed by the underlying image's index, so a sample keeps its crops
+    whichever split it lands in.
+    """
+
+    def __init__(self, dataset: CifarDataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+        self.classes = dataset.classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        if isinstance(key, tuple):
+            return self.dataset[(self.indices[key[0]], key[1])]
+        return self.dataset[self.indices[key]]
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) index lists: a fixed ``fraction`` held out, chosen by ``seed`` alone.
+
+    The same on every process and for every world size; both lists sorted.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    n_val = round(n * fraction)
+    if fraction > 0 and not 0 < n_val < n:
+        raise ValueError(f"a validation fraction of {fraction} of {n} images leaves a split empty")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed("val", seed)))
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""Our own checkpoints: the reference's ``*_checkpoint.bin`` state_dicts and ``*_last.pt`` states.
+
+Both load at any ``img_size``: the position embedding is resized as for Google's files, so a model
+fine-tuned at 224 px can be evaluated or tuned further at 384 px.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.npz_io import CheckpointError, resize_pos_embed
+
+log = logging.getLogger(__name__)
+POSEMB = "transformer.embeddings.position_embeddings"
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, metadata) from a ``.bin`` state_dict or a ``_last.pt`` training state.
+
+    Metadata (model type, config, image size, class names) comes from the training state, or
+    from the ``.json`` that train.py writes beside each ``.bin``; empty when there is neither.
+    """
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable PyTorch file ({first})"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        meta = {k: obj[k] for k in ("args", "config", "classes") if k in obj}
+        return obj["model"], meta
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"checkpoint {path} holds no model state_dict")
+    sidecar = path.with_suffix(".json")
+    meta = {}
+    if sidecar.is_file():
+        meta = json.loads(sidecar.read_text())
+    return obj, meta
+
+
+def load_resized(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], keep_head: bool = True
+) -> None:
+    """``load_state_dict`` (strict) after fitting the position embedding to ``model``'s grid.
+
+    With ``keep_head=False`` a head of another class count is left as initialised (zeros for
+    ``zero_head=True``), as when fine-tuning on a new data set.
+    """
+    state = dict(state_dict)
+    own = model.state_dict()
+    if POSEMB in state and POSEMB in own and state[POSEMB].shape != own[POSEMB].shape:
+        old, new = state[POSEMB], own[POSEMB]
+        if old.shape[-1] == new.shape[-1]:
+            log.info("resizing position embedding %s -> %s", tuple(old.shape), tuple(new.shape))
+            grid = model.transformer.embeddings.grid_size
+            state[POSEMB] = torch.from_numpy(resize_pos_embed(old.float().numpy(), grid))
+    if not keep_head:
+        for key in ("head.weight", "head.bias"):
+            if key in state and key in own and state[key].shape != own[key].shape:
+                state[key] = own[key]
+    mismatched = [
+        f"{k} {tuple(v.shape)} != expected {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if mismatched or missing or unexpected:
+        parts = []
+        for label, keys in (
+            ("mismatched", mismatched),
+            ("missing", missing),
+            ("unexpected", unexpected),
+        ):
+            if keys:
+                shown = ", ".join(keys[:3]) + (
+                    f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+                )
+                parts.append(f"{len(keys)} {label}: {shown}")
+        raise CheckpointError("checkpoint does not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state)

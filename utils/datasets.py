@@ -1,0 +1,59 @@
+"""The three sets a run uses: what it trains on, what picks the best model, and what scores it.
+
+With ``--val_split 0`` (the reference's behaviour) the test set does both of the last two jobs.
+With ``--val_split F`` a fixed fraction of the training images, chosen by the seed alone, picks
+the best model and the test set is scored once, at the end, as Google's recipe does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from utils.data import CIFAR, CifarDataset, DataError, KeyedSubset, load_cifar, split_indices
+from utils.image_folder import ImageFolderDataset, scan_split
+
+DATASETS = (*CIFAR, "imagefolder")
+
+
+@dataclass
+class RunData:
+    train: Dataset  # augmented, keyed by (index, epoch)
+    select: Dataset  # scored every --eval_every steps; the best checkpoint is chosen on it
+    test: Dataset | None  # scored once at the end, when ``select`` is a validation split
+    classes: list[str]
+    select_name: str  # "val" or "test": the TensorBoard prefix of the selection scores
+
+
+def build_datasets(
+    name: str, data_dir: str | Path, img_size: int, seed: int, val_split: float, hflip: bool
+) -> RunData:
+    root = Path(data_dir)
+    if name == "imagefolder":
+        train_split = scan_split(root / "train")
+        val_dir = root / "val"
+        test_split = scan_split(val_dir, train_split.classes) if val_dir.is_dir() else None
+        train = ImageFolderDataset(train_split, img_size, True, seed, hflip)
+        plain = ImageFolderDataset(train_split, img_size, False)
+        test = test_split and ImageFolderDataset(test_split, img_size, False)
+    else:
+        arrays = load_cifar(name, root, train=True)
+        train = CifarDataset(arrays, img_size, True, seed, hflip)
+        plain = CifarDataset(arrays, img_size, False)
+        test = CifarDataset(load_cifar(name, root, train=False), img_size, False)
+    classes = train.classes
+    if val_split > 0:
+        try:
+            train_idx, val_idx = split_indices(len(train), val_split, seed)
+        except ValueError as error:
+            raise DataError(f"--val_split {val_split}: {error}") from None
+        select = KeyedSubset(plain, val_idx)
+        return RunData(KeyedSubset(train, train_idx), select, test, classes, "val")
+    if test is None:
+        raise DataError(
+            f"{root} has no val/ folder to evaluate on: add {root}/val/<class>/<images> "
+            "or hold out part of train/ with --val_split 0.1"
+        )
+    return RunData(train, test, None, classes, "test")
