@@ -1,0 +1,186 @@
+"""Your own images, the validation protocol, flips, and checkpoints that travel across sizes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from models.checkpoint import load_resized, read_checkpoint
+from models.configs import CONFIGS, apply_overrides
+from models.modeling import VisionTransformer
+from models.npz_io import CheckpointError
+from tests.test_train import SMALL, SMALL_CONFIG, event_scalars, run_cli
+from utils.data import CifarArrays, CifarDataset, DataError, GlobalBatchSampler, split_indices
+from utils.datasets import build_datasets
+from utils.image_folder import scan_split
+
+
+def write_image_folder(root: Path, classes=("cat", "dog", "fish"), per_class: int = 6) -> Path:
+    """PNG and JPEG files of assorted sizes and modes, and one corrupt file, in train/ and val/."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("val", 2)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                h, w = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                pixels[..., c] = 255  # a class signal a small model can pick up
+                image = Image.fromarray(pixels)
+                if i % 3 == 2:
+                    image.convert("L").save(folder / f"{i}.png")
+                elif i % 2:
+                    image.save(folder / f"{i}.jpg", quality=90)
+                else:
+                    image.save(folder / f"{i}.png")
+    (root / "train" / classes[0] / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    return root
+
+
+def test_image_folder_scan_reports_and_skips_unreadable_files(tmp_path: Path, caplog) -> None:
+    root = write_image_folder(tmp_path)
+    split = scan_split(root / "train")
+    assert split.classes == ["cat", "dog", "fish"]
+    assert len(split.paths) == 18 and sorted(set(split.labels)) == [0, 1, 2]
+    assert [p.name for p, _ in split.skipped] == ["broken.jpg"]
+    assert "broken.jpg" in caplog.text and "skipped 1 unreadable file" in caplog.text
+
+
+def test_image_folder_problems_are_clear_errors(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path)
+    (root / "train" / "empty").mkdir()
+    with pytest.raises(DataError, match="empty has no readable images"):
+        scan_split(root / "train")
+    (root / "train" / "empty").rmdir()
+    for f in (root / "val" / "fish").iterdir():
+        f.unlink()
+    (root / "val" / "fish").rmdir()
+    with pytest.raises(DataError, match="lacks the class folder.* fish"):
+        build_datasets("imagefolder", root, 32, 0, 0.0, False)
+    with pytest.raises(DataError, match="is not a folder"):
+        scan_split(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_trains_on_an_image_folder(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "images")
+    result = run_cli(
+        tmp_path, "--name", "folder", *SMALL, "--dataset", "imagefolder",
+        "--data_dir", str(root), "--pretrained_dir", "none", "--train_batch_size", "6",
+        "--num_steps", "6", "--eval_every", "3", "--hflip",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "skipping" in result.stderr and "broken.jpg" in result.stderr
+    assert "(6 images)" in result.stderr  # the val/ folder: 3 classes x 2
+    meta = json.loads((tmp_path / "output" / "folder_checkpoint.json").read_text())
+    assert meta["classes"] == ["cat", "dog", "fish"]
+    state, meta_pt = read_checkpoint(tmp_path / "output" / "folder_last.pt")
+    assert meta_pt["classes"] == ["cat", "dog", "fish"] and state["head.weight"].shape[0] == 3
+
+
+def test_validation_split_is_disjoint_fixed_and_world_size_free() -> None:
+    train_a, val_a = split_indices(5085, 0.1, seed=42)
+    train_b, val_b = split_indices(5085, 0.1, seed=42)
+    assert (train_a, val_a) == (train_b, val_b)
+    assert not set(train_a) & set(val_a) and len(train_a) + len(val_a) == 5085
+    assert len(val_a) == 508 and split_indices(5085, 0.1, seed=1)[1] != val_a
+    # Every process draws its slice of the same global batches over the training part only.
+    for world in (1, 2, 3):
+        seen = set()
+        for rank in range(world):
+            sampler = iter(GlobalBatchSampler(len(train_a), 24, rank, world, seed=42))
+            for _ in range(len(train_a) // 24):
+                seen |= {train_a[i] for i, _ in next(sampler)}
+        assert seen <= set(train_a) and len(seen) == len(train_a) // 24 * 24
+
+
+@pytest.mark.slow
+def test_val_split_selects_on_validation_and_scores_test_once(tmp_path: Path, subset: Path) -> None:
+    result = run_cli(
+        tmp_path, "--name", "honest", *SMALL, "--pretrained_dir", "none",
+        "--data_dir", str(subset), "--train_batch_size", "32", "--num_steps", "8",
+        "--eval_every", "4", "--val_split", "0.1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.findall(r"val accuracy [\d.]+, loss [\d.]+ \((\d+) images", result.stderr) == [
+        "508",
+        "508",
+    ]
+    assert "test accuracy" not in result.stderr
+    assert re.search(
+        r"final accuracy [\d.]+ \(test set, final weights\) \| best accuracy", result.stdout
+    )
+    scalars = event_scalars(tmp_path / "logs" / "honest")
+    assert [s for s, _ in scalars["val/accuracy"]] == [4, 8]
+    assert "test/accuracy" not in scalars
+    assert len(scalars["test/accuracy_final"]) == len(scalars["test/accuracy_best"]) == 1
+
+
+def test_hflip_mirrors_the_same_crop() -> None:
+    rng = np.random.default_rng(0)
+    arrays = CifarArrays(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), np.arange(4), ["a"])
+    plain = CifarDataset(arrays, 32, train=True, seed=3)
+    flipped = CifarDataset(arrays, 32, train=True, seed=3, hflip=True)
+    outcomes = set()
+    for index in range(4):
+        for epoch in range(8):
+            a, b = plain[(index, epoch)][0], flipped[(index, epoch)][0]
+            outcomes.add(torch.equal(a, b))
+            assert torch.equal(a, b) or torch.equal(a.flip(-1), b)
+    assert outcomes == {True, False}, "about half the draws should flip"
+
+
+def test_own_checkpoints_load_at_another_resolution(tmp_path: Path) -> None:
+    config = apply_overrides(CONFIGS["testing"], SMALL_CONFIG)
+    small = VisionTransformer(config, img_size=32, num_classes=10).eval()
+    torch.save(small.state_dict(), tmp_path / "m_checkpoint.bin")
+    state, meta = read_checkpoint(tmp_path / "m_checkpoint.bin")
+    assert meta == {}
+    large = VisionTransformer(config, img_size=48, num_classes=10).eval()
+    load_resized(large, state)
+    assert large.transformer.embeddings.position_embeddings.shape == (1, 145, 64)
+    torch.testing.assert_close(large.head.weight, small.head.weight)
+    same = VisionTransformer(config, img_size=32, num_classes=10).eval()
+    load_resized(same, state)  # no resize: identical outputs
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(same(x)[0], small(x)[0])
+    with pytest.raises(CheckpointError, match="head.weight"):
+        load_resized(VisionTransformer(config, img_size=32, num_classes=4), state)
+    fresh = VisionTransformer(config, img_size=32, num_classes=4, zero_head=True)
+    load_resized(fresh, state, keep_head=False)
+    assert not fresh.head.weight.any()
+    with pytest.raises(CheckpointError, match="mismatched: transformer.embeddings"):
+        load_resized(VisionTransformer(CONFIGS["testing"], img_size=32), state)
+
+
+@pytest.mark.parametrize("size", [32, 224, 384, 448])
+def test_hybrid_builds_and_runs_at_every_size(size: int) -> None:
+    """The reference's hybrid derived its patch size from img_size and broke at <224 and >=448."""
+    config = apply_overrides(CONFIGS["R50-ViT-B_16"], ["transformer.num_layers=1"])
+    model = VisionTransformer(config, img_size=size, num_classes=10).eval()
+    grid = -(-size // 16)
+    assert model.transformer.embeddings.grid_size == (grid, grid)
+    with torch.no_grad():
+        logits, _ = model(torch.randn(1, 3, size, size))
+    assert logits.shape == (1, 10)
+
+
+def test_fine_tuning_from_a_bin_at_another_size(tmp_path: Path, subset: Path) -> None:
+    config = apply_overrides(CONFIGS["testing"], SMALL_CONFIG)
+    torch.save(VisionTransformer(config, 16, num_classes=7).state_dict(), tmp_path / "a.bin")
+    code = train.main(
+        [
+            "--name", "ft", *SMALL, "--pretrained_dir", str(tmp_path / "a.bin"),
+            "--data_dir", str(subset), "--output_dir", str(tmp_path / "out"),
+            "--logdir", str(tmp_path / "logs"), "--train_batch_size", "8", "--num_steps", "1",
+            "--eval_every", "1", "--eval_batch_size", "256",
+        ]
+    )  # fmt: skip
+    assert code == 0
