@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--log_every", type=int, default=10, help="steps between log lines (10)")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model for training (its first step, compilation included, is "
+        "left out of the images/s figures)",
+    )
+    p.add_argument(
         "--resume",
         default=None,
         help="a <name>_last.pt to continue from, or 'auto' for this run's own, if any",
@@ -269,17 +275,21 @@ class Meter:
     def images_per_second(self) -> float:
         return self.images / max(self.train_time, 1e-9)
 
-    def flush(self, reporter: Reporter) -> float:
-        """Write the pending steps to TensorBoard and the progress line; return the last loss."""
+    def flush(self, reporter: Reporter, timed: bool = True) -> float:
+        """Write the pending steps to TensorBoard and the progress line; return the last loss.
+
+        ``timed=False`` leaves these steps out of the throughput (warm-up, compilation).
+        """
         if not self.pending:
             return 0.0
         # Mean loss over processes (each saw its shard); the clipped norm is the same everywhere.
         stacked = torch.stack([torch.stack((p[1], p[2])) for p in self.pending])
         values = (dist.all_reduce_sum(stacked) / self.world_size).tolist()
         elapsed = time.perf_counter() - self.tick
-        self.train_time += elapsed
-        self.images += self.global_batch * len(self.pending)
         speed = self.global_batch * len(self.pending) / elapsed
+        if timed:
+            self.train_time += elapsed
+            self.images += self.global_batch * len(self.pending)
         for (step, _, _, lr), (loss, norm) in zip(self.pending, values, strict=True):
             reporter.scalars({"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}, step)
             self.skipped += not math.isfinite(norm)
@@ -475,9 +485,9 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         if len(state["rng"]) == ctx.world_size:
             set_rng_state(state["rng"][ctx.rank])
         log.info("resumed from %s at step %d", resume, step)
-    ddp = model
+    ddp = torch.compile(model) if args.compile else model
     if ctx.distributed:
-        ddp = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        ddp = DDP(ddp, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
     sampler = GlobalBatchSampler(
         len(data.train), global_batch, ctx.rank, ctx.world_size, args.seed, step
@@ -521,6 +531,7 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
             )
 
     meter = Meter(global_batch, ctx.world_size)
+    first_step = step + 1
     last_acc = float("nan")
     batches = iter(train_loader)
     model.train()
@@ -536,7 +547,9 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         step += 1
         meter.add(step, loss, grad_norm, lr)
         evaluate_now = step % args.eval_every == 0 or step == args.num_steps
-        if step % args.log_every == 0 or evaluate_now:
+        if step == first_step and not evaluate_now:
+            meter.flush(reporter, timed=False)  # warm-up (and compilation) is not throughput
+        elif step % args.log_every == 0 or evaluate_now:
             last_loss = meter.flush(reporter)
             if precision.name != "fp16" and not math.isfinite(last_loss):
                 raise UsageError(
