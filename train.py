@@ -14,12 +14,9 @@ import os
 import signal
 import time
 import warnings
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 
@@ -34,8 +31,11 @@ from utils.cli import Parser, UsageError, add_model_args, run_main
 from utils.data import CIFAR, GlobalBatchSampler, ensure_cifar, shard_indices
 from utils.datasets import DATASETS, RunData, build_datasets
 from utils.download import download_file
-from utils.logger import Reporter, setup_logging
+from utils.engine import evaluate, train_step
+from utils.logger import Meter, Reporter, setup_logging
+from utils.precision import Precision
 from utils.scheduler import build_scheduler
+from utils.signals import StopRequest
 
 log = logging.getLogger("vit")
 # A step that the fp16 scaler skips makes PyTorch think the scheduler ran first; it did not.
@@ -144,6 +144,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--warmup_steps and --num_workers must be >= 0, --log_every > 0")
     if not 0 <= args.val_split < 1:
         raise UsageError(f"--val_split must be in [0, 1), got {args.val_split}")
+    apply_overrides(CONFIGS[args.model_type], args.config)  # a typo fails now, not after the data
     if args.fp16 and args.precision not in (None, "fp16"):
         raise UsageError(f"--fp16 contradicts --precision {args.precision}; pass one of them")
 
@@ -181,143 +182,6 @@ def build_model(args: argparse.Namespace, num_classes: int) -> VisionTransformer
         return VisionTransformer(config, args.img_size, zero_head=True, num_classes=num_classes)
     except ValueError as error:
         raise UsageError(f"cannot build {args.model_type}: {error}") from None
-
-
-@dataclass
-class Precision:
-    """One code path for every precision: an autocast that may be a no-op, a scaler that may be."""
-
-    name: str
-    device: torch.device
-    loss_scale: float
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.name)
-
-    def autocast(self):
-        enabled = self.dtype is not None
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
-
-    @property
-    def static_scale(self) -> float | None:
-        """The fixed fp16 loss scale (``--loss_scale`` > 0), or None for dynamic scaling."""
-        return self.loss_scale if self.loss_scale > 0 else None
-
-    def scaler(self) -> torch.amp.GradScaler:
-        return torch.amp.GradScaler(
-            self.device.type,
-            enabled=self.name == "fp16",
-            init_scale=self.static_scale or 2.0**16,
-        )
-
-
-def train_step(model, batch, optimizer, scaler, precision: Precision, accum: int, max_norm: float):
-    """One optimizer update from ``accum`` equal micro-batches; returns (mean loss, grad norm).
-
-    Gradients are all-reduced only on the last micro-batch (``no_sync``). Nothing here waits for
-    the device: the returned values are tensors, read when the log needs them.
-    """
-    images, labels = batch
-    total = torch.zeros((), device=images.device)
-    for i, (x, y) in enumerate(zip(images.chunk(accum), labels.chunk(accum), strict=True)):
-        last = i == accum - 1
-        with nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
-            with precision.autocast():
-                loss = model(x, y) / accum
-            scaler.scale(loss).backward()
-        total += loss.detach()
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    scaler.step(optimizer)  # skipped, under fp16, when a gradient is inf or NaN
-    scaler.update(precision.static_scale)  # None: grow or back off dynamically
-    optimizer.zero_grad(set_to_none=True)
-    return total, grad_norm
-
-
-@torch.no_grad()
-def evaluate(model, loader, device: torch.device, precision: Precision) -> tuple[float, float, int]:
-    """Accuracy and mean loss over the whole test set, each process scoring its own share."""
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with precision.autocast():
-            logits = model(x)[0].float()
-        correct = (logits.argmax(-1) == y).sum()
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        totals += torch.stack(
-            (correct.double(), loss.double(), torch.tensor(len(y), device=device))
-        )
-    model.train()
-    correct, loss, count = dist.all_reduce_sum(totals).tolist()
-    return correct / count, loss / count, int(count)
-
-
-class Meter:
-    """Per-step loss, gradient norm and lr, kept on the device and read once every log step."""
-
-    def __init__(self, global_batch: int, world_size: int) -> None:
-        self.global_batch, self.world_size = global_batch, world_size
-        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
-        self.skipped = 0  # fp16 steps whose gradients were inf/NaN
-        self.train_time, self.images = 0.0, 0
-        self.start = self.tick = time.perf_counter()
-
-    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
-        self.pending.append((step, loss, grad_norm, lr))
-
-    def restart_clock(self) -> None:
-        """Leave evaluation and checkpointing out of the training throughput."""
-        self.tick = time.perf_counter()
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images / max(self.train_time, 1e-9)
-
-    def flush(self, reporter: Reporter, timed: bool = True) -> float:
-        """Write the pending steps to TensorBoard and the progress line; return the last loss.
-
-        ``timed=False`` leaves these steps out of the throughput (warm-up, compilation).
-        """
-        if not self.pending:
-            return 0.0
-        # Mean loss over processes (each saw its shard); the clipped norm is the same everywhere.
-        stacked = torch.stack([torch.stack((p[1], p[2])) for p in self.pending])
-        values = (dist.all_reduce_sum(stacked) / self.world_size).tolist()
-        elapsed = time.perf_counter() - self.tick
-        speed = self.global_batch * len(self.pending) / elapsed
-        if timed:
-            self.train_time += elapsed
-            self.images += self.global_batch * len(self.pending)
-        for (step, _, _, lr), (loss, norm) in zip(self.pending, values, strict=True):
-            reporter.scalars({"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}, step)
-            self.skipped += not math.isfinite(norm)
-        step, lr = self.pending[-1][0], self.pending[-1][3]
-        reporter.scalars({"train/images_per_second": speed}, step)
-        reporter.progress(step, values[-1][0], lr, speed)
-        self.pending.clear()
-        self.tick = time.perf_counter()
-        return values[-1][0]
-
-
-class StopRequest:
-    """SIGTERM or SIGINT asks the loop to finish its step, save, and exit resumable."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signum = signum
 
 
 def resume_path(args: argparse.Namespace) -> Path | None:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
+
+from utils import distributed as dist
 
 log = logging.getLogger("vit")
 
@@ -81,3 +86,50 @@ class Reporter:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class Meter:
+    """Per-step loss, gradient norm and lr, kept on the device and read once every log step."""
+
+    def __init__(self, global_batch: int, world_size: int) -> None:
+        self.global_batch, self.world_size = global_batch, world_size
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+        self.skipped = 0  # fp16 steps whose gradients were inf/NaN
+        self.train_time, self.images = 0.0, 0
+        self.start = self.tick = time.perf_counter()
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+        self.pending.append((step, loss, grad_norm, lr))
+
+    def restart_clock(self) -> None:
+        """Leave evaluation and checkpointing out of the training throughput."""
+        self.tick = time.perf_counter()
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(self.train_time, 1e-9)
+
+    def flush(self, reporter: Reporter, timed: bool = True) -> float:
+        """Write the pending steps to TensorBoard and the progress line; return the last loss.
+
+        ``timed=False`` leaves these steps out of the throughput (warm-up, compilation).
+        """
+        if not self.pending:
+            return 0.0
+        # Mean loss over processes (each saw its shard); the clipped norm is the same everywhere.
+        stacked = torch.stack([torch.stack((p[1], p[2])) for p in self.pending])
+        values = (dist.all_reduce_sum(stacked) / self.world_size).tolist()
+        elapsed = time.perf_counter() - self.tick
+        speed = self.global_batch * len(self.pending) / elapsed
+        if timed:
+            self.train_time += elapsed
+            self.images += self.global_batch * len(self.pending)
+        for (step, _, _, lr), (loss, norm) in zip(self.pending, values, strict=True):
+            reporter.scalars({"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}, step)
+            self.skipped += not math.isfinite(norm)
+        step, lr = self.pending[-1][0], self.pending[-1][3]
+        reporter.scalars({"train/images_per_second": speed}, step)
+        reporter.progress(step, values[-1][0], lr, speed)
+        self.pending.clear()
+        self.tick = time.perf_counter()
+        return values[-1][0]
