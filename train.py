@@ -32,6 +32,7 @@ from utils.data import CIFAR, GlobalBatchSampler, ensure_cifar, shard_indices
 from utils.datasets import DATASETS, RunData, build_datasets
 from utils.download import download_file
 from utils.engine import evaluate, train_step
+from utils.figures import log_eval_images
 from utils.logger import Meter, Reporter, setup_logging
 from utils.precision import Precision
 from utils.scheduler import build_scheduler
@@ -299,10 +300,10 @@ def save_best(model, args: argparse.Namespace, output: Path, classes: list[str])
 def score_test(model, test_set, best_path: Path, args, ctx, precision: Precision):
     """Test accuracy and loss of the final weights, then of the best ones (left in ``model``)."""
     loader = eval_loader(test_set, args, ctx)
-    final = evaluate(model, loader, ctx.device, precision)
+    final = evaluate(model, loader, ctx.device, precision, len(test_set.classes))
     dist.barrier()  # rank 0 has written the best weights
     model.load_state_dict(read_checkpoint(best_path)[0])
-    return final, evaluate(model, loader, ctx.device, precision)
+    return final, evaluate(model, loader, ctx.device, precision, len(test_set.classes))
 
 
 def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int:
@@ -422,7 +423,14 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
                     "--resume it"
                 )
         if evaluate_now:
-            acc, loss_value, count = evaluate(unwrap(model), select_loader, ctx.device, precision)
+            scores = evaluate(
+                unwrap(model), select_loader, ctx.device, precision, len(data.classes)
+            )
+            acc, loss_value, count = scores.accuracy, scores.loss, scores.count
+            if reporter.writer is not None:
+                log_eval_images(
+                    reporter.writer, step, *scores.samples, scores.confusion, data.classes, name
+                )
             last_acc = acc
             reporter.scalars({f"{name}/accuracy": acc, f"{name}/loss": loss_value}, step)
             log.info(

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from models.configs import CONFIGS, ConfigOverrideError
 from models.npz_io import CheckpointError
 from utils.data import DataError
+from utils.datasets import DATASETS
 from utils.download import DownloadError
 
 # Mistakes a user can fix from the command line: reported as one line, exit code 2.
@@ -26,12 +27,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, from_checkpoint: bool = False) -> None:
+    """``--model_type``, ``--config``, ``--img_size``. With ``from_checkpoint`` they default to
+    None: the scripts that load a trained model take what its checkpoint records instead."""
+    recorded = "the checkpoint's, else " if from_checkpoint else ""
     parser.add_argument(
         "--model_type",
         choices=list(CONFIGS),
-        default="ViT-B_16",
-        help="which variant to use (default: ViT-B_16)",
+        default=None if from_checkpoint else "ViT-B_16",
+        help=f"which variant to use (default: {recorded}ViT-B_16)",
     )
     parser.add_argument(
         "--config",
@@ -39,11 +43,32 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a model-config field, repeatable: --config transformer.num_layers=4 "
-        "--config patches.size=4,4",
+        "--config patches.size=4,4" + (" (default: the checkpoint's)" if from_checkpoint else ""),
     )
     parser.add_argument(
-        "--img_size", type=int, default=224, help="input resolution in pixels (default: 224)"
+        "--img_size",
+        type=int,
+        default=None if from_checkpoint else 224,
+        help=f"input resolution in pixels (default: {recorded}224)",
     )
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of the scripts that use a trained model: which weights, classes and device."""
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="weights written by train.py: a <name>_checkpoint.bin or a <name>_last.pt",
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=None,
+        help="the data set it was trained on, for its class names (default: the checkpoint's, "
+        "else cifar10)",
+    )
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 
 def run_main(main: Callable[[], int], prog: str) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -35,20 +37,41 @@ def train_step(model, batch, optimizer, scaler, precision: Precision, accum: int
     return total, grad_norm
 
 
+class Scores(NamedTuple):
+    """One evaluation: totals over all processes, and a few of this process's images."""
+
+    accuracy: float
+    loss: float
+    count: int
+    confusion: np.ndarray  # (classes, classes): [true class, predicted class]
+    samples: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, preds, labels (CPU)
+
+
 @torch.no_grad()
-def evaluate(model, loader, device: torch.device, precision: Precision) -> tuple[float, float, int]:
-    """Accuracy and mean loss over the whole test set, each process scoring its own share."""
+def evaluate(
+    model, loader, device: torch.device, precision: Precision, num_classes: int, keep: int = 16
+) -> Scores:
+    """Accuracy, mean loss and confusion matrix over the whole set, each process scoring its
+    own share; and the first ``keep`` images of this process's share, for a figure."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    kept: list[tuple[torch.Tensor, ...]] = []
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with precision.autocast():
             logits = model(x)[0].float()
-        correct = (logits.argmax(-1) == y).sum()
+        pred = logits.argmax(-1)
+        correct = (pred == y).sum()
         loss = F.cross_entropy(logits, y, reduction="sum")
         totals += torch.stack(
             (correct.double(), loss.double(), torch.tensor(len(y), device=device))
         )
+        confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2)
+        if sum(len(k[0]) for k in kept) < keep:
+            kept.append((x[:keep].cpu(), pred[:keep].cpu(), y[:keep].cpu()))
     model.train()
     correct, loss, count = dist.all_reduce_sum(totals).tolist()
-    return correct / count, loss / count, int(count)
+    confusion = dist.all_reduce_sum(confusion).view(num_classes, num_classes).cpu().numpy()
+    samples = tuple(torch.cat(parts)[:keep] for parts in zip(*kept, strict=True))
+    return Scores(correct / count, loss / count, int(count), confusion, samples)

@@ -1,0 +1,105 @@
+"""Evaluate a trained checkpoint on the test set: accuracy, loss, per-class table, figure.
+
+python evaluate.py --checkpoint output/cifar10-100_500_checkpoint.bin --data_dir data
+
+The model flags and data set default to those recorded beside the checkpoint. The accuracy is the
+one train.py logged for that checkpoint on the test set: the same images, transform, batch size
+and precision (pass --precision to match a run trained with fp16 or bf16). For --dataset
+imagefolder the test set is --data_dir/val, as in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from torch.utils.data import DataLoader, Dataset
+
+from utils.cli import Parser, UsageError, add_checkpoint_args, add_model_args, run_main
+from utils.data import CIFAR, CifarDataset, ensure_cifar, load_cifar
+from utils.figures import confusion_matrix, confusion_matrix_image, save_png
+from utils.image_folder import ImageFolderDataset, scan_split
+from utils.inference import evaluate_model, load_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, from_checkpoint=True)
+    add_checkpoint_args(p)
+    p.add_argument("--data_dir", default="data", help="data sets, downloaded (default: data)")
+    p.add_argument(
+        "--output_dir",
+        default="eval",
+        help="where confusion_matrix.png and metrics.json go (default: eval)",
+    )
+    p.add_argument("--eval_batch_size", type=int, default=64, help="(default: 64, as train.py)")
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="autocast precision; the training run's reproduces its logged accuracy (fp32)",
+    )
+    return p
+
+
+def load_test_set(dataset: str, data_dir: str, img_size: int, classes: list[str]) -> Dataset:
+    """The images train.py scores as its test set, transformed as it does."""
+    if dataset in CIFAR:
+        ensure_cifar(dataset, data_dir)
+        return CifarDataset(load_cifar(dataset, data_dir, False), img_size, False)
+    return ImageFolderDataset(scan_split(Path(data_dir) / "val", classes), img_size, False)
+
+
+def class_table(cm, classes: list[str]) -> str:
+    """Per-class correct / total / accuracy, one row per class."""
+    width = max(len("class"), *(len(c) for c in classes))
+    lines = [f"{'class':<{width}}  correct  total  accuracy"]
+    for i, name in enumerate(classes):
+        total = int(cm[i].sum())
+        accuracy = f"{cm[i, i] / total:.4f}" if total else "-"
+        lines.append(f"{name:<{width}}  {int(cm[i, i]):7d}  {total:5d}  {accuracy:>8}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.eval_batch_size <= 0 or args.num_workers < 0:
+        raise UsageError("--eval_batch_size must be positive and --num_workers >= 0")
+    loaded = load_from_args(args)
+    classes, device = loaded.classes, loaded.device
+    images = load_test_set(loaded.dataset, args.data_dir, loaded.flags.img_size, classes)
+    loader = DataLoader(
+        images,
+        batch_size=args.eval_batch_size,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    result = evaluate_model(loaded.model, loader, device, args.precision)
+    cm = confusion_matrix(result.preds, result.labels, len(classes))
+
+    print(f"accuracy {result.accuracy:.4f}")
+    print(f"loss {result.loss:.4f}")
+    print(f"images {len(result.labels)}")
+    print(class_table(cm, classes))
+    output = Path(args.output_dir)
+    figure = save_png(confusion_matrix_image(cm, classes), output / "confusion_matrix.png")
+    metrics = {
+        "checkpoint": str(args.checkpoint),
+        "dataset": loaded.dataset,
+        "model": str(loaded.flags),
+        "accuracy": result.accuracy,
+        "loss": result.loss,
+        "images": len(result.labels),
+        "classes": classes,
+        "confusion_matrix": cm.tolist(),  # rows: true class, columns: predicted class
+    }
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    print(f"wrote {figure} and {output / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, "evaluate.py")

@@ -1,0 +1,470 @@
+"""evaluate.py, predict.py and visualize_attention.py on a model trained here on the real subset;
+attention rollout against a hand computation; the figures and their TensorBoard summaries."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.configs import CONFIGS, apply_overrides
+from models.modeling import VisionTransformer
+from tests.test_train import REPO, SMALL_CONFIG, closed_port, run_cli
+from utils.class_names import CIFAR10_CLASSES, CIFAR100_CLASSES
+from utils.cli import UsageError, run_main
+from utils.data import CifarDataset, load_cifar
+from utils.figures import (
+    GREEN,
+    RED,
+    confusion_matrix,
+    confusion_matrix_image,
+    log_eval_images,
+    prediction_grid,
+)
+from utils.inference import (
+    class_names,
+    evaluate_model,
+    load_checkpoint_model,
+    open_checkpoint,
+    preprocess,
+)
+from utils.rollout import attention_rollout, overlay_heatmap
+
+MODEL = ["--model_type", "testing", "--img_size", "32"]
+for _item in SMALL_CONFIG:
+    MODEL += ["--config", _item]
+# A hybrid small enough for CPU: one bottleneck unit per ResNet stage, two transformer layers.
+R50_CONFIG = [
+    "resnet.num_layers=1,1,1",
+    "hidden_size=64",
+    "transformer.mlp_dim=128",
+    "transformer.num_heads=4",
+    "transformer.num_layers=2",
+]
+
+
+def run_script(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run one of the scripts with no network (proxies on a closed port), as run_cli does."""
+    proxy = f"http://127.0.0.1:{closed_port()}"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
+    env |= {name: proxy for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@dataclass
+class Trained:
+    bin: Path
+    last: Path
+    logdir: Path
+    accuracy: str  # as train.py logged it, 4 decimals
+    loss: str
+    images: int
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, subset: Path) -> Trained:
+    """A small ViT trained for 30 steps on the real subset, evaluated once, at step 30."""
+    tmp = tmp_path_factory.mktemp("trained")
+    result = run_cli(
+        tmp, "--name", "tiny", *MODEL, "--num_workers", "0", "--pretrained_dir", "none",
+        "--data_dir", str(subset), "--train_batch_size", "32", "--num_steps", "30",
+        "--eval_every", "30", "--warmup_steps", "3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    logged = re.search(
+        r"step 30: test accuracy ([\d.]+), loss ([\d.]+) \((\d+) images\)", result.stderr
+    )
+    assert logged, result.stderr
+    accuracy, loss, images = logged.groups()
+    assert float(accuracy) > 0, "the .bin is written only when the accuracy improves on 0"
+    return Trained(
+        tmp / "output" / "tiny_checkpoint.bin",
+        tmp / "output" / "tiny_last.pt",
+        tmp / "logs" / "tiny",
+        accuracy,
+        loss,
+        int(images),
+    )
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory, subset: Path) -> dict[str, Path]:
+    """Image files of several sizes, modes and formats made from CIFAR test images."""
+    tmp = tmp_path_factory.mktemp("images")
+    pixels = load_cifar("cifar10", subset, False).images  # (N, 32, 32, 3) uint8
+    files = {
+        "cifar.png": Image.fromarray(pixels[0]),
+        "wide.jpg": Image.fromarray(pixels[1]).resize((50, 30), Image.BICUBIC),
+        "gray.png": Image.fromarray(pixels[2]).convert("L").resize((64, 64)),
+        "alpha.png": Image.fromarray(pixels[3]).convert("RGBA").resize((40, 48)),
+    }
+    for name, picture in files.items():
+        picture.save(tmp / name)
+    (tmp / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    return {name: tmp / name for name in (*files, "corrupt.png")}
+
+
+def one_line_error(code: int, stderr: str, script: str) -> str:
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), stderr
+    return lines[0]
+
+
+def run_in_process(script: str, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """A script's ``main`` under ``run_main``, as its ``__main__`` block runs it: (code, stderr)."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    with pytest.raises(SystemExit) as exited:
+        run_main(lambda: module.main(argv), script)
+    return exited.value.code, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate.py
+
+
+def test_evaluate_reproduces_the_logged_accuracy(
+    trained: Trained, subset: Path, tmp_path: Path
+) -> None:
+    """No model flags: they come from the .json that train.py wrote beside the .bin."""
+    result = run_script(
+        tmp_path, "evaluate.py", "--checkpoint", str(trained.bin),
+        "--data_dir", str(subset), "--output_dir", str(tmp_path / "eval"), "--num_workers", "0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"accuracy {trained.accuracy}"
+    assert lines[1] == f"loss {trained.loss}"
+    assert lines[2] == f"images {trained.images}"
+    table = {line.split()[0]: line.split()[1:] for line in lines[4:14]}
+    assert list(table) == list(CIFAR10_CLASSES)
+
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    configs = " ".join(f"--config {c}" for c in SMALL_CONFIG)
+    assert metrics["model"] == f"--model_type testing {configs} --img_size 32"
+    cm = np.array(metrics["confusion_matrix"])
+    assert cm.shape == (10, 10) and cm.sum() == 509 == trained.images
+    assert f"{np.trace(cm) / cm.sum():.4f}" == trained.accuracy
+    for i, name in enumerate(CIFAR10_CLASSES):  # the table is the matrix's diagonal and rows
+        assert table[name][:2] == [str(cm[i, i]), str(cm[i].sum())]
+    with Image.open(tmp_path / "eval" / "confusion_matrix.png") as figure:
+        assert figure.format == "PNG" and figure.width > 300 and figure.height > 300
+
+
+def test_training_state_scores_like_the_bin(trained: Trained, subset: Path) -> None:
+    """The *_last.pt of the same step holds the same weights, and its own class names."""
+    checkpoint = open_checkpoint(trained.last)
+    assert checkpoint.args["model_type"] == "testing" and "config" in checkpoint.meta
+    classes = class_names(checkpoint, "cifar10")
+    assert classes == list(CIFAR10_CLASSES)
+    model = load_checkpoint_model("testing", SMALL_CONFIG, 32, len(classes), checkpoint)
+    test_set = CifarDataset(load_cifar("cifar10", subset, False), 32, False)
+    loader = torch.utils.data.DataLoader(test_set, batch_size=64)
+    result = evaluate_model(model, loader, torch.device("cpu"))
+    assert f"{result.accuracy:.4f}" == trained.accuracy
+    assert f"{result.loss:.4f}" == trained.loss
+
+
+# ---------------------------------------------------------------------------------------------
+# predict.py and the preprocessing it shares
+
+
+def test_predict_lists_sorted_probabilities(
+    trained: Trained, images: dict[str, Path], tmp_path: Path
+) -> None:
+    files = [str(images[n]) for n in ("cifar.png", "wide.jpg", "gray.png", "alpha.png")]
+    flags = [*MODEL, "--checkpoint", str(trained.bin), *files]
+    as_json = run_script(tmp_path, "predict.py", *flags, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    results = json.loads(as_json.stdout)
+    assert [r["image"] for r in results] == files
+    for r in results:
+        probs = [t["probability"] for t in r["top"]]
+        assert len(probs) == 5 and probs == sorted(probs, reverse=True)
+        assert 0 < sum(probs) <= 1 + 1e-9
+        assert all(CIFAR10_CLASSES[t["index"]] == t["class"] for t in r["top"])
+
+    as_text = run_script(tmp_path, "predict.py", *flags)
+    assert as_text.returncode == 0, as_text.stderr
+    rows = re.findall(r"^ +(\d)\. (\S+) +([\d.]+)$", as_text.stdout, re.MULTILINE)
+    assert len(rows) == 20
+    expected = [(str(i + 1), t["class"]) for r in results for i, t in enumerate(r["top"])]
+    assert [row[:2] for row in rows] == expected
+    assert [float(row[2]) for row in rows] == pytest.approx(
+        [t["probability"] for r in results for t in r["top"]], abs=5e-5
+    )
+
+
+@pytest.mark.parametrize("img_size", [32, 48])
+def test_preprocess_is_the_test_transform(subset: Path, img_size: int) -> None:
+    arrays = load_cifar("cifar10", subset, False)
+    test_set = CifarDataset(arrays, img_size, False)
+    for i in range(3):
+        ours = preprocess(Image.fromarray(arrays.images[i]), img_size)
+        assert torch.equal(ours, test_set[i][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# visualize_attention.py and the rollout
+
+
+def test_attention_png_of_a_vit_keeps_the_image_size(
+    trained: Trained, images: dict[str, Path], tmp_path: Path
+) -> None:
+    output = tmp_path / "maps" / "wide_attention.png"
+    result = run_script(
+        tmp_path, "visualize_attention.py", *MODEL, "--checkpoint", str(trained.bin),
+        str(images["wide.jpg"]), "--output", str(output),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "attention rollout written to" in result.stdout
+    with Image.open(output) as png, Image.open(images["wide.jpg"]) as original:
+        assert png.format == "PNG" and png.size == original.size == (50, 30)
+        assert not np.array_equal(np.asarray(png), np.asarray(original.convert("RGB")))
+
+
+def test_attention_png_of_an_r50_hybrid(images: dict[str, Path], tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = apply_overrides(CONFIGS["R50-ViT-B_16"], R50_CONFIG)
+    model = VisionTransformer(config, img_size=64, num_classes=10)
+    assert model.transformer.embeddings.grid_size == (4, 4)
+    torch.save(model.state_dict(), tmp_path / "r50_checkpoint.bin")
+    flags = ["--model_type", "R50-ViT-B_16", "--img_size", "64"]
+    for item in R50_CONFIG:
+        flags += ["--config", item]
+    output = tmp_path / "gray_attention.png"
+    result = run_script(
+        tmp_path, "visualize_attention.py", *flags, "--checkpoint",
+        str(tmp_path / "r50_checkpoint.bin"), str(images["alpha.png"]), "--output", str(output),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with Image.open(output) as png:
+        assert png.size == (40, 48) and png.mode == "RGB"
+
+
+def test_rollout_matches_a_hand_computed_two_layer_example() -> None:
+    """N = 3 tokens (class token and two patches), two heads per layer.
+
+    Layer 1: heads [[1,0,0],[0,1,0],[0,0,1]] and [[0,1,0],[0,1,0],[0,0,1]] average to
+    W1 = [[.5,.5,0],[0,1,0],[0,0,1]]; (W1 + I) with rows renormalised is
+    A1 = [[.75,.25,0],[0,1,0],[0,0,1]]. Layer 2: both heads [[0,0,1],[0,1,0],[0,0,1]] give
+    A2 = [[.5,0,.5],[0,1,0],[0,0,1]]. Rollout A2 @ A1 has class row [.375, .125, .5], so the
+    patch map is [.125, .5]. (The wrong order, A1 @ A2, would give [.25, .375].)
+    """
+    eye = torch.eye(3)
+    layer1 = torch.stack((eye, torch.tensor([[0.0, 1, 0], [0, 1, 0], [0, 0, 1]])))[None]
+    layer2 = torch.tensor([[0.0, 0, 1], [0, 1, 0], [0, 0, 1]]).expand(1, 2, 3, 3)
+    mask = attention_rollout([layer1, layer2])
+    assert mask.shape == (1, 2)
+    torch.testing.assert_close(mask, torch.tensor([[0.125, 0.5]]))
+
+
+def test_rollout_discard_ratio_drops_the_weakest_patch() -> None:
+    """Class row [.2, .5, .3]; with the identity, renormalised: [.6, .25, .15]. Discarding half
+    of the 2 patch weights zeroes the .3: ([.2, .5, 0] + [1, 0, 0]) / 1.7, map [.5 / 1.7, 0]."""
+    weights = torch.tensor([[0.2, 0.5, 0.3], [0, 1, 0], [0, 0, 1]])[None, None]  # (1, 1, 3, 3)
+    torch.testing.assert_close(attention_rollout([weights]), torch.tensor([[0.25, 0.15]]))
+    torch.testing.assert_close(
+        attention_rollout([weights], discard_ratio=0.5), torch.tensor([[0.5 / 1.7, 0.0]])
+    )
+    with pytest.raises(ValueError, match="vis=True"):
+        attention_rollout([])
+
+
+def test_overlay_is_hottest_where_the_mask_peaks() -> None:
+    image = Image.new("RGB", (50, 30), (128, 128, 128))
+    mask = torch.zeros(4, 4)
+    mask[0, 3] = 1.0  # top-right cell
+    overlay = np.asarray(overlay_heatmap(image, mask, alpha=0.8)).astype(int)
+    assert overlay.shape == (30, 50, 3)
+    top_right, bottom_left = overlay[2, 47], overlay[27, 2]
+    assert top_right[0] > top_right[2]  # red over blue where attention peaks
+    assert bottom_left[2] > bottom_left[0]  # blue over red where there is none
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures and TensorBoard
+
+
+def test_confusion_matrix_counts_by_hand() -> None:
+    labels = [0, 0, 1, 2, 2, 2]
+    preds = [0, 1, 1, 2, 0, 2]
+    expected = [[1, 1, 0], [0, 1, 0], [1, 0, 2]]  # rows true, columns predicted
+    np.testing.assert_array_equal(confusion_matrix(preds, labels, 3), expected)
+    np.testing.assert_array_equal(
+        confusion_matrix(torch.tensor(preds), torch.tensor(labels), 3), expected
+    )
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix([3], [0], 3)
+
+
+@pytest.mark.parametrize("names", [CIFAR10_CLASSES, CIFAR100_CLASSES], ids=["10", "100"])
+def test_confusion_matrix_image_is_an_rgb_array(names: tuple[str, ...]) -> None:
+    k = len(names)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, k, 1000)
+    preds = np.where(rng.random(1000) < 0.5, labels, rng.integers(0, k, 1000))
+    figure = confusion_matrix_image(confusion_matrix(preds, labels, k), names)
+    assert figure.dtype == np.uint8 and figure.ndim == 3 and figure.shape[2] == 3
+    assert 300 < figure.shape[0] < 1200 and 300 < figure.shape[1] < 1200
+
+
+def test_prediction_grid_frames_right_green_and_wrong_red() -> None:
+    images = torch.rand(20, 3, 32, 32) * 2 - 1
+    labels = torch.arange(20) % 10
+    preds = labels.clone()
+    preds[1] = (labels[1] + 1) % 10
+    grid = prediction_grid(images, preds, labels, CIFAR10_CLASSES, max_images=16)
+    assert grid.dtype == np.uint8 and grid.shape[2] == 3
+    tile_w = grid.shape[1] // 4  # 16 images: 4 x 4
+    assert grid.shape[0] == 4 * (grid.shape[0] // 4)
+    assert tuple(grid[8, 8]) == GREEN  # the frame of tile 0, right
+    assert tuple(grid[8, tile_w + 8]) == RED  # the frame of tile 1, wrong
+
+
+def test_log_eval_images_writes_image_summaries(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    labels = torch.arange(8) % 10
+    cm = confusion_matrix(labels, labels, 10)
+    log_eval_images(writer, 30, torch.zeros(8, 3, 32, 32), labels, labels, cm, CIFAR10_CLASSES)
+    writer.close()
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"images": 0})
+    acc.Reload()
+    assert set(acc.Tags()["images"]) == {"test/confusion_matrix", "test/predictions"}
+    (event,) = acc.Images("test/confusion_matrix")
+    figure = confusion_matrix_image(cm, CIFAR10_CLASSES)
+    assert event.step == 30 and (event.height, event.width) == figure.shape[:2]
+
+
+@pytest.mark.skipif(
+    "log_eval_images" not in (REPO / "train.py").read_text(),
+    reason="train.py does not call utils.figures.log_eval_images yet",
+)
+def test_training_logs_eval_images_and_hparams(trained: Trained) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: dict[str, set[str]] = {"images": set(), "tensors": set(), "scalars": set()}
+    for events in trained.logdir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0, "tensors": 0})
+        acc.Reload()
+        for kind, found in tags.items():
+            found.update(acc.Tags()[kind])
+    assert {"test/confusion_matrix", "test/predictions"} <= tags["images"]
+    assert any("hparam" in tag for tag in tags["tensors"] | tags["scalars"])
+
+
+# ---------------------------------------------------------------------------------------------
+# User errors: one line, exit code 2
+
+
+def test_a_checkpoint_that_does_not_fit_names_keys_shapes_and_flags(
+    trained: Trained, tmp_path: Path
+) -> None:
+    configs = " ".join(f"--config {c}" for c in SMALL_CONFIG)
+    with pytest.raises(UsageError) as recorded:
+        load_checkpoint_model("testing", [], 32, 10, trained.bin)
+    message = str(recorded.value)
+    assert "\n" not in message and "does not fit --model_type testing --img_size 32" in message
+    assert (
+        "position_embeddings (1, 65, 64) in the checkpoint vs (1, 65, 16) in the model" in message
+    )
+    assert f"it was trained with --model_type testing {configs} --img_size 32" in message
+
+    # A bare state_dict (no .json beside it): the flags are inferred from the shapes.
+    bare = tmp_path / "bare_checkpoint.bin"
+    bare.write_bytes(trained.bin.read_bytes())
+    with pytest.raises(UsageError) as inferred:
+        load_checkpoint_model("ViT-Ti_16", [], 32, 10, bare)
+    assert (
+        "its weights fit --model_type testing --config hidden_size=64 "
+        "--config transformer.mlp_dim=128 --img_size 32" in str(inferred.value)
+    )
+
+    # Recorded flags catch what no shape shows: here the head count.
+    without_heads = [c for c in SMALL_CONFIG if "num_heads" not in c]
+    for path in (trained.bin, trained.last):
+        with pytest.raises(UsageError, match=r"trained with transformer\.num_heads=4 \(not 2\)"):
+            load_checkpoint_model("testing", without_heads, 32, 10, path)
+    load_checkpoint_model("testing", without_heads, 32, 10, bare)  # nothing to tell
+
+
+def test_class_names_come_from_the_checkpoint_or_the_data_set(
+    trained: Trained, tmp_path: Path
+) -> None:
+    assert class_names(open_checkpoint(trained.bin), "imagefolder") == list(CIFAR10_CLASSES)
+    bare = tmp_path / "bare_checkpoint.bin"
+    bare.write_bytes(trained.bin.read_bytes())
+    assert class_names(open_checkpoint(bare), "cifar10") == list(CIFAR10_CLASSES)
+    with pytest.raises(UsageError, match="has 10 classes and no class names"):
+        class_names(open_checkpoint(bare), "imagefolder")
+    bare.with_suffix(".json").write_text("{not json")
+    with pytest.raises(UsageError, match=r"bare_checkpoint\.json is not valid JSON"):
+        open_checkpoint(bare)
+
+
+@pytest.mark.parametrize(
+    "script, case, expected",
+    [
+        ("predict.py", "wrong_model", "does not fit --model_type ViT-Ti_16"),
+        ("predict.py", "missing_image", "missing.png: no such file"),
+        ("visualize_attention.py", "corrupt_image", "corrupt.png cannot be read"),
+        ("evaluate.py", "class_count", "has 10 classes, --dataset cifar100 has 100"),
+        ("predict.py", "not_a_checkpoint", "is not a readable PyTorch checkpoint"),
+        ("predict.py", "no_class_names", "has 10 classes and no class names"),
+    ],
+)
+def test_user_errors_exit_2_in_one_line(
+    trained: Trained,
+    images: dict[str, Path],
+    subset: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    script: str,
+    case: str,
+    expected: str,
+) -> None:
+    checkpoint, flags, image = str(trained.bin), list(MODEL), [str(images["cifar.png"])]
+    if case == "wrong_model":
+        flags = ["--model_type", "ViT-Ti_16", "--img_size", "32"]
+    elif case == "missing_image":
+        image = [str(tmp_path / "missing.png")]
+    elif case == "corrupt_image":
+        image = [str(images["corrupt.png"]), "--output", str(tmp_path / "x.png")]
+    elif case == "class_count":
+        flags += ["--dataset", "cifar100", "--data_dir", str(subset)]
+        image = []
+    elif case == "not_a_checkpoint":
+        checkpoint = str(images["wide.jpg"])
+    elif case == "no_class_names":  # a bare state_dict, without the .json beside it
+        checkpoint = str(tmp_path / "bare_checkpoint.bin")
+        Path(checkpoint).write_bytes(trained.bin.read_bytes())
+        flags += ["--dataset", "imagefolder"]
+    argv = [*flags, "--checkpoint", checkpoint, *image]
+    if case == "missing_image":  # one of them in a real process, exit code and all
+        result = run_script(tmp_path, script, *argv)
+        code, stderr = result.returncode, result.stderr
+    else:
+        code, stderr = run_in_process(script, argv, capsys)
+    assert expected in one_line_error(code, stderr, script)

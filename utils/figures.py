@@ -1,0 +1,223 @@
+"""Figures of an evaluation, drawn with Pillow: a confusion matrix, a grid of labelled predictions.
+
+Each figure is an (H, W, 3) uint8 array, ready for TensorBoard's
+``SummaryWriter.add_image(..., dataformats="HWC")`` (see ``log_eval_images``) or ``save_png``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+WHITE, BLACK, GREY = (255, 255, 255), (20, 20, 20), (110, 110, 110)
+GREEN, RED = (0, 140, 60), (210, 30, 30)
+# A white-to-dark-blue ramp (the stops of matplotlib's "Blues"), for fractions 0, 0.5 and 1.
+_BLUES = np.array([[247, 251, 255], [107, 174, 214], [8, 48, 107]], dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in font at ``size`` px (a fixed small bitmap font without FreeType)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _text_width(font, text: str) -> int:
+    return math.ceil(font.getlength(text))
+
+
+def _fit(font, text: str, width: int) -> str:
+    """``text`` shortened with an ellipsis until it is at most ``width`` pixels wide."""
+    if _text_width(font, text) <= width:
+        return text
+    while text and _text_width(font, text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _to_numpy(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def confusion_matrix(preds, labels, num_classes: int) -> np.ndarray:
+    """int64 (num_classes, num_classes): entry [t, p] counts images of class t predicted as p."""
+    preds = _to_numpy(preds).astype(np.int64).ravel()
+    labels = _to_numpy(labels).astype(np.int64).ravel()
+    if preds.shape != labels.shape:
+        raise ValueError(f"{len(preds)} predictions for {len(labels)} labels")
+    for name, values in (("prediction", preds), ("label", labels)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"a {name} is outside [0, {num_classes})")
+    counts = np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def _blues(fraction: float) -> tuple[int, int, int]:
+    x = min(max(fraction, 0.0), 1.0) * 2
+    low = min(int(x), 1)
+    colour = _BLUES[low] + (x - low) * (_BLUES[low + 1] - _BLUES[low])
+    return tuple(int(round(c)) for c in colour)
+
+
+def confusion_matrix_image(cm: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    """The matrix as a picture: rows true classes, columns predictions, cells shaded by the
+    fraction of their row. Up to 30 classes each cell shows its count and each row its recall; with
+    more (CIFAR-100) the cells are small squares and only every tenth index is marked.
+    """
+    cm = _to_numpy(cm).astype(np.int64)
+    k = cm.shape[0]
+    if cm.shape != (k, k) or len(class_names) != k:
+        raise ValueError(f"a {cm.shape} matrix for {len(class_names)} class names")
+    labelled = k <= 30
+    font, small = _font(13), _font(11)
+    cell = 40 if labelled else max(6, 600 // k)
+    names = [str(n) for n in class_names] if labelled else [str(i) for i in range(k)]
+    name_width = max(_text_width(small, n) for n in names) + 8
+    left = 24 + name_width  # "true" axis title, then the row names
+    top = 34  # the title
+    grid = cell * k
+    right = 64 if labelled else 16  # the recall column
+    bottom = (name_width if labelled else 16) + 26  # column names, the "predicted" axis title
+    width, height = left + grid + right, top + grid + bottom
+    image = Image.new("RGB", (width, height), WHITE)
+    draw = ImageDraw.Draw(image)
+
+    total, correct = int(cm.sum()), int(np.trace(cm))
+    accuracy = correct / total if total else float("nan")
+    title = f"Confusion matrix: {total} images, accuracy {accuracy:.4f}"
+    draw.text((8, 9), _fit(font, title, width - 16), fill=BLACK, font=font)
+
+    rows = cm.sum(axis=1, keepdims=True)
+    fractions = cm / np.maximum(rows, 1)
+    for t in range(k):
+        for p in range(k):
+            x0, y0 = left + p * cell, top + t * cell
+            shade = _blues(float(fractions[t, p]))
+            draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=shade)
+            if labelled and cm[t, p]:
+                text = str(cm[t, p])
+                ink = WHITE if fractions[t, p] > 0.5 else BLACK
+                draw.text((x0 + cell / 2, y0 + cell / 2), text, fill=ink, font=small, anchor="mm")
+    # Thin lines between the cells that carry numbers, and a frame.
+    for i in range(1, k if labelled else 1):
+        draw.line((left + i * cell, top, left + i * cell, top + grid - 1), fill=(225, 225, 225))
+        draw.line((left, top + i * cell, left + grid - 1, top + i * cell), fill=(225, 225, 225))
+    draw.rectangle((left - 1, top - 1, left + grid, top + grid), outline=GREY)
+
+    marks = range(k) if labelled else range(0, k, 10)
+    for i in marks:
+        x, y = left + i * cell + cell / 2, top + i * cell + cell / 2  # centre of column / row i
+        draw.text((left - 4, y), names[i], fill=BLACK, font=small, anchor="rm")
+        if not labelled:  # just the index under its column
+            draw.text((x, top + grid + 4), names[i], fill=BLACK, font=small, anchor="mt")
+            continue
+        if rows[i, 0]:
+            recall = cm[i, i] / rows[i, 0]
+            draw.text((left + grid + 6, y), f"{recall:.2f}", fill=GREY, font=small, anchor="lm")
+        # Column names, written sideways: draw on a strip, rotate it, paste below the grid.
+        strip = Image.new("RGB", (name_width, cell), WHITE)
+        ImageDraw.Draw(strip).text(
+            (name_width - 4, cell / 2), names[i], fill=BLACK, font=small, anchor="rm"
+        )
+        image.paste(strip.rotate(90, expand=True), (left + i * cell, top + grid + 2))
+    if labelled:
+        draw.text((left + grid + 6, top - 4), "recall", fill=GREY, font=small, anchor="lb")
+    draw.text((left + grid / 2, height - 6), "predicted", fill=BLACK, font=font, anchor="md")
+    axis = Image.new("RGB", (grid, 18), WHITE)
+    ImageDraw.Draw(axis).text((grid / 2, 9), "true", fill=BLACK, font=font, anchor="mm")
+    image.paste(axis.rotate(90, expand=True), (4, top))
+    return np.asarray(image)
+
+
+def _tile(image: torch.Tensor, size: int) -> Image.Image:
+    """A normalised (3, H, W) image in [-1, 1] as a ``size``-px square picture."""
+    pixels = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+    picture = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    # Small inputs (CIFAR's 32 px) are enlarged in crisp blocks; large ones shrunk smoothly.
+    upscale = picture.width <= size and size % picture.width == 0
+    return picture.resize((size, size), Image.NEAREST if upscale else Image.LANCZOS)
+
+
+def prediction_grid(
+    images: torch.Tensor,
+    preds,
+    labels,
+    class_names: Sequence[str],
+    max_images: int = 16,
+) -> np.ndarray:
+    """Up to ``max_images`` test images in a grid, each framed and captioned with its predicted
+    class (green when right, red when wrong) above its true class."""
+    preds, labels = _to_numpy(preds).ravel(), _to_numpy(labels).ravel()
+    n = min(len(images), len(preds), len(labels), max_images)
+    if n == 0:
+        raise ValueError("no images to draw")
+    font = _font(12)
+    size, pad, caption = 96, 10, 36
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    tile_w, tile_h = size + 2 * pad, size + caption + 2 * pad
+    grid = Image.new("RGB", (cols * tile_w, rows * tile_h), WHITE)
+    draw = ImageDraw.Draw(grid)
+    for i in range(n):
+        x, y = (i % cols) * tile_w + pad, (i // cols) * tile_h + pad
+        pred, label = int(preds[i]), int(labels[i])
+        colour = GREEN if pred == label else RED
+        draw.rectangle((x - 3, y - 3, x + size + 2, y + size + 2), fill=colour)
+        grid.paste(_tile(images[i], size), (x, y))
+        draw.text(
+            (x, y + size + 5), _fit(font, f"pred: {class_names[pred]}", size + pad),
+            fill=colour, font=font,
+        )  # fmt: skip
+        draw.text(
+            (x, y + size + 20), _fit(font, f"true: {class_names[label]}", size + pad),
+            fill=GREY, font=font,
+        )  # fmt: skip
+    return np.asarray(grid)
+
+
+def save_png(figure: np.ndarray, path: str | Path) -> Path:
+    """Write an (H, W, 3) uint8 figure as a PNG, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(figure).save(path, format="PNG")
+    return path
+
+
+def log_eval_images(
+    writer,
+    step: int,
+    images: torch.Tensor,
+    preds,
+    labels,
+    cm: np.ndarray,
+    class_names: Sequence[str],
+    prefix: str = "test",
+) -> None:
+    """Add ``<prefix>/confusion_matrix`` and ``<prefix>/predictions`` to a SummaryWriter.
+
+    ``images``, ``preds`` and ``labels`` are the first images of the evaluated set (normalised, as
+    the model saw them) with their predicted and true classes; ``cm`` is the confusion matrix of
+    the whole set. ``prefix``: "test", or "val" when a validation split is scored.
+    """
+    writer.add_image(
+        f"{prefix}/confusion_matrix",
+        confusion_matrix_image(cm, class_names),
+        step,
+        dataformats="HWC",
+    )
+    writer.add_image(
+        f"{prefix}/predictions",
+        prediction_grid(images, preds, labels, class_names),
+        step,
+        dataformats="HWC",
+    )

@@ -1,0 +1,473 @@
+"""Using a trained checkpoint: load it into the right model, read images as training did, score.
+
+Shared by ``evaluate.py``, ``predict.py`` and ``visualize_attention.py``:
+
+* ``open_checkpoint`` reads either file that ``train.py`` writes (``models.checkpoint``): a
+  ``<name>_checkpoint.bin`` state_dict (the reference's format) with the ``.json`` of model flags
+  and class names beside it, or a ``<name>_last.pt`` training state;
+* ``resolve_flags`` / ``class_names`` complete the command line from what the checkpoint records;
+* ``load_checkpoint_model`` builds the model from the flags and loads strictly. A checkpoint that
+  does not fit raises one :class:`UsageError` line that names the first mismatched keys with their
+  shapes and the flags to pass instead (as recorded, or inferred from the weights of a bare
+  state_dict);
+* ``load_image`` / ``preprocess`` turn any image Pillow reads into the tensor the test transform
+  of training makes: bilinear antialiased resize in float32, then [-1, 1];
+* ``evaluate_model`` / ``top_k`` score a data loader or a batch exactly as training evaluates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from models.checkpoint import read_checkpoint
+from models.configs import CONFIGS, ConfigOverrideError, apply_overrides
+from models.modeling import VisionTransformer
+from models.npz_io import CheckpointError
+from utils.class_names import CLASS_NAMES
+from utils.cli import UsageError
+from utils.data import normalize
+from utils.precision import Precision
+
+_HEAD = "head.weight"
+_EMBED = "transformer.embeddings."
+_LAYER = re.compile(r"transformer\.encoder\.layer\.(\d+)\.")
+_UNIT = re.compile(r"transformer\.embeddings\.hybrid_model\.body\.block(\d+)\.unit(\d+)\.")
+
+
+def _one_line(error: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's text, shortened: torch.load's errors run to pages."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(items: list[str], limit: int = 3) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """The weights of a trained model and what train.py recorded about how it was trained."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    # "args" (at least model_type, config, img_size, dataset) and "classes", from a training state
+    # or the <name>_checkpoint.json beside a .bin; a training state adds the model "config".
+    meta: dict[str, Any]
+
+    @property
+    def args(self) -> dict[str, Any]:
+        args = self.meta.get("args")
+        return args if isinstance(args, dict) else {}
+
+    @property
+    def classes(self) -> list[str] | None:
+        classes = self.meta.get("classes")
+        return [str(c) for c in classes] if isinstance(classes, list | tuple) else None
+
+    @property
+    def num_classes(self) -> int:
+        head = self.state_dict.get(_HEAD)
+        if head is None or head.ndim != 2:
+            raise UsageError(
+                f"--checkpoint {self.path} has no classifier head ({_HEAD}); it is not a "
+                "VisionTransformer checkpoint written by train.py"
+            )
+        return head.shape[0]
+
+    def trained_with(self) -> str | None:
+        """The model flags of the run that wrote it, as a command-line fragment, if recorded."""
+        args = self.args
+        if "model_type" not in args:
+            return None
+        return str(
+            ModelFlags(args["model_type"], list(args.get("config") or []), args.get("img_size"))
+        )
+
+    def trained_config(self) -> dict[str, Any] | None:
+        """The model config it was trained with, as ``ConfigDict.to_dict()``, if recorded."""
+        if isinstance(self.meta.get("config"), dict):
+            return self.meta["config"]
+        if self.args.get("model_type") not in CONFIGS:
+            return None
+        try:
+            config = apply_overrides(CONFIGS[self.args["model_type"]], self.args.get("config", []))
+        except (ConfigOverrideError, TypeError):
+            return None
+        return config.to_dict()
+
+
+@dataclass(frozen=True)
+class ModelFlags:
+    model_type: str
+    config: list[str]
+    img_size: int
+
+    def __str__(self) -> str:
+        parts = [f"--model_type {self.model_type}", *(f"--config {c}" for c in self.config)]
+        return " ".join([*parts, f"--img_size {self.img_size}"])
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a ``*_checkpoint.bin`` (and the ``.json`` beside it) or a ``*_last.pt``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--checkpoint {path}: no such file")
+    try:
+        state_dict, meta = read_checkpoint(path)
+    except CheckpointError:
+        if zipfile.is_zipfile(path):
+            raise
+        raise UsageError(
+            f"--checkpoint {path} is not a readable PyTorch checkpoint (truncated or not from "
+            "torch.save); pass the <name>_checkpoint.bin or <name>_last.pt that train.py wrote"
+        ) from None
+    except (ValueError, UnicodeDecodeError) as error:  # the .json beside a .bin
+        raise UsageError(
+            f"{path.with_suffix('.json')} is not valid JSON ({_one_line(error)}); fix or delete it"
+        ) from None
+    return Checkpoint(path, dict(state_dict), meta if isinstance(meta, dict) else {})
+
+
+def resolve_flags(
+    checkpoint: Checkpoint, model_type: str | None, config: list[str], img_size: int | None
+) -> ModelFlags:
+    """Each model flag not given on the command line is the checkpoint's, else train.py's default.
+
+    The checkpoint's ``--config`` overrides apply only to its own model type.
+    """
+    trained = checkpoint.args
+    model_type = model_type or trained.get("model_type") or "ViT-B_16"
+    if not config and model_type == trained.get("model_type"):
+        config = list(trained.get("config") or [])
+    return ModelFlags(model_type, list(config), img_size or trained.get("img_size") or 224)
+
+
+def class_names(checkpoint: Checkpoint, dataset: str) -> list[str]:
+    """The checkpoint's own class names, or else those of ``dataset``; UsageError if they cannot
+    be known or their number is not the checkpoint's."""
+    n = checkpoint.num_classes
+    names = checkpoint.classes
+    if names is not None and len(names) != n:
+        raise UsageError(
+            f"--checkpoint {checkpoint.path} has {n} classes but its metadata names {len(names)}"
+        )
+    known = CLASS_NAMES.get(dataset)
+    if known is not None and len(known) != n:
+        trained = checkpoint.args.get("dataset")
+        hint = f"it was trained on --dataset {trained}" if trained else "pass its data set"
+        raise UsageError(
+            f"--checkpoint {checkpoint.path} has {n} classes, --dataset {dataset} has "
+            f"{len(known)}; {hint}"
+        )
+    if names is None and known is None:
+        raise UsageError(
+            f"--checkpoint {checkpoint.path} has {n} classes and no class names: --dataset "
+            f"{dataset} takes them from the {checkpoint.path.stem}.json that train.py writes "
+            "beside a .bin, or from a <name>_last.pt"
+        )
+    return list(names if names is not None else known)
+
+
+def _architecture(state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """The config fields (and img_size) that a ViT state_dict's shapes reveal; None if not a ViT.
+
+    ``transformer.num_heads`` is not among them: it changes no shape.
+    """
+    embed = state.get(_EMBED + "patch_embeddings.weight")  # (D, C, ph, pw)
+    pos = state.get(_EMBED + "position_embeddings")  # (1, 1 + gh * gw, D)
+    fc1 = state.get("transformer.encoder.layer.0.ffn.fc1.weight")  # (mlp_dim, D)
+    if embed is None or pos is None or fc1 is None or embed.ndim != 4 or pos.ndim != 3:
+        return None
+    fields: dict[str, Any] = {
+        "hidden_size": embed.shape[0],
+        "patches.size": tuple(embed.shape[2:]),
+        "transformer.mlp_dim": fc1.shape[0],
+        "transformer.num_layers": len({m.group(1) for k in state if (m := _LAYER.match(k))}),
+        "representation_size": state["pre_logits.weight"].shape[0]
+        if "pre_logits.weight" in state
+        else None,
+    }
+    units: dict[int, int] = {}
+    for key in state:
+        if m := _UNIT.match(key):
+            block, unit = int(m.group(1)), int(m.group(2))
+            units[block] = max(units.get(block, 0), unit)
+    scale = 1
+    if units:
+        root = state.get(_EMBED + "hybrid_model.root.conv.weight")  # (64 * width_factor, 3, 7, 7)
+        fields["resnet.num_layers"] = tuple(units[b] for b in sorted(units))
+        fields["resnet.width_factor"] = root.shape[0] // 64 if root is not None else 1
+        scale = 2 ** (2 + len(units) - 1)  # stem /4, then /2 per further stage
+    grid = math.isqrt(pos.shape[1] - 1)
+    if grid * grid == pos.shape[1] - 1:
+        fields["img_size"] = grid * fields["patches.size"][0] * scale
+    return fields
+
+
+def _config_fields(config) -> dict[str, Any]:
+    fields = {
+        "hidden_size": config.hidden_size,
+        "patches.size": tuple(config.patches.size),
+        "transformer.mlp_dim": config.transformer.mlp_dim,
+        "transformer.num_layers": config.transformer.num_layers,
+        "representation_size": config.get("representation_size"),
+    }
+    if config.get("resnet") is not None:
+        fields["resnet.num_layers"] = tuple(config.resnet.num_layers)
+        fields["resnet.width_factor"] = config.resnet.width_factor
+    return fields
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def suggest_flags(state: dict[str, torch.Tensor]) -> str:
+    """The model flags that would fit a state_dict: the closest variant plus ``--config`` fixes."""
+    found = _architecture(state)
+    if found is None:
+        return "its keys are not those of a VisionTransformer"
+    img_size = found.pop("img_size", None)
+    best, best_diff = None, None
+    for name, config in CONFIGS.items():
+        fields = _config_fields(config)
+        if fields.keys() != found.keys():  # a hybrid only matches a hybrid
+            continue
+        diff = {k: v for k, v in found.items() if fields[k] != v}
+        if best_diff is None or len(diff) < len(best_diff):
+            best, best_diff = name, diff
+    if best is None:
+        return "no --model_type has its structure"
+    flags = [f"--model_type {best}"]
+    flags += [f"--config {k}={_format_value(v)}" for k, v in best_diff.items()]
+    if img_size is not None:
+        flags.append(f"--img_size {img_size}")
+    heads = " (and transformer.num_heads if it was changed: no shape shows it)" if best_diff else ""
+    return f"its weights fit {' '.join(flags)}{heads}"
+
+
+def _shape_problems(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
+    expected = model.state_dict()
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} in the checkpoint vs {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} mismatched shapes: {_describe(mismatched, 2)}")
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_describe(unexpected)}")
+    return "; ".join(problems)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = tuple(value) if isinstance(value, list | tuple) else value
+    return flat
+
+
+def _config_differences(saved: dict[str, Any], config) -> list[str]:
+    """Fields (other than dropout) where a training state's config differs from ``config``."""
+    ours = _flatten(config.to_dict())
+    theirs = _flatten(saved)
+    return [
+        f"{k}={_format_value(theirs.get(k))} (not {_format_value(ours.get(k))})"
+        for k in sorted(ours.keys() | theirs.keys())
+        if "dropout" not in k and ours.get(k) != theirs.get(k)
+    ]
+
+
+def load_checkpoint_model(
+    model_type: str,
+    config_overrides: Iterable[str],
+    img_size: int,
+    num_classes: int,
+    checkpoint: str | Path | Checkpoint,
+    vis: bool = False,
+    device: str | torch.device = "cpu",
+) -> VisionTransformer:
+    """Build the model the flags describe and load the checkpoint into it strictly, in eval mode.
+
+    Raises UsageError (one line) when the checkpoint cannot be read or does not fit: a shape, a
+    key, or (where the checkpoint records it) a config field such as the head count that no shape
+    shows.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    flags = ModelFlags(model_type, list(config_overrides), img_size)
+    if model_type not in CONFIGS:
+        known = ", ".join(CONFIGS)
+        raise UsageError(f"unknown --model_type {model_type!r}; choose one of: {known}")
+    config = apply_overrides(CONFIGS[model_type], flags.config)
+    try:
+        model = VisionTransformer(config, img_size, num_classes=num_classes, vis=vis)
+    except ValueError as error:
+        raise UsageError(f"cannot build {model_type}: {error}") from None
+    trained = ckpt.trained_with()
+    hint = (
+        f"it was trained with {trained} (leave the model flags out to use those)"
+        if trained
+        else suggest_flags(ckpt.state_dict)
+    )
+    if problems := _shape_problems(model, ckpt.state_dict):
+        raise UsageError(f"--checkpoint {ckpt.path} does not fit {flags}: {problems}; {hint}")
+    saved = ckpt.trained_config()
+    if saved is not None and (differences := _config_differences(saved, config)):
+        raise UsageError(
+            f"--checkpoint {ckpt.path} was trained with {_describe(differences)}; {hint}"
+        )
+    model.load_state_dict(ckpt.state_dict, strict=True)
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An image file as RGB; UsageError if it cannot be read.
+
+    Like training's image folders, the pixels are taken as stored (no EXIF rotation), so that a
+    file scores here exactly as it does in evaluation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"image {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # decodes the whole file
+    except Exception as error:  # UnidentifiedImageError, truncated data, decompression bomb...
+        raise UsageError(
+            f"image {path} cannot be read ({_one_line(error)}); pass a file Pillow can open "
+            "(PNG, JPEG, BMP, WebP...)"
+        ) from None
+
+
+def preprocess(image: Image.Image, img_size: int) -> torch.Tensor:
+    """(3, img_size, img_size) float32 in [-1, 1], as ``CifarDataset`` makes test images.
+
+    Any size or aspect is resized (not cropped) to the square input, bilinear with antialiasing,
+    in float32 on 0..255 values, then normalised with the training mean and std.
+    """
+    pixels = TF.pil_to_tensor(image.convert("RGB")).float()  # (3, H, W), 0..255
+    size = [img_size, img_size]
+    return normalize(TF.resize(pixels, size, InterpolationMode.BILINEAR, antialias=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: CUDA when available unless named; TF32 matmuls on CUDA, as training uses."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name (cpu, cuda, cuda:1...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available; use --device cpu")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+@dataclass
+class Evaluation:
+    """Predictions over a data set: ``preds`` and ``labels`` int64 (N,), mean loss."""
+
+    preds: np.ndarray
+    labels: np.ndarray
+    loss: float
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.preds == self.labels).mean())
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: VisionTransformer, loader, device: torch.device, precision: str = "fp32"
+) -> Evaluation:
+    """Score every batch as ``utils.engine.evaluate`` does in training (same autocast and casts,
+    float64 loss sum), keeping every prediction."""
+    autocast = Precision(precision, device, loss_scale=0).autocast
+    model.eval()
+    preds, labels = [], []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            logits = model(x)[0].float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        preds.append(logits.argmax(-1).cpu())
+        labels.append(y.cpu())
+    count = sum(len(y) for y in labels)
+    return Evaluation(
+        preds=torch.cat(preds).numpy().astype(np.int64),
+        labels=torch.cat(labels).numpy().astype(np.int64),
+        loss=loss_sum.item() / max(count, 1),
+    )
+
+
+@torch.no_grad()
+def top_k(
+    model: VisionTransformer, images: torch.Tensor, k: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities (float64, descending) and class indices, each (B, k)."""
+    logits = model(images.to(device))[0].double()
+    probs = logits.softmax(-1)
+    values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    return values.cpu(), indices.cpu()
+
+
+@dataclass
+class Loaded:
+    model: VisionTransformer
+    classes: list[str]
+    device: torch.device
+    dataset: str
+    flags: ModelFlags
+
+
+def load_from_args(args: argparse.Namespace, vis: bool = False) -> Loaded:
+    """The model, class names, device and data set that the flags of ``add_model_args`` and
+    ``add_checkpoint_args`` name, completed from what the checkpoint records."""
+    device = resolve_device(args.device)
+    checkpoint = open_checkpoint(args.checkpoint)
+    dataset = args.dataset or checkpoint.args.get("dataset") or "cifar10"
+    classes = class_names(checkpoint, dataset)
+    flags = resolve_flags(checkpoint, args.model_type, args.config, args.img_size)
+    model = load_checkpoint_model(
+        flags.model_type, flags.config, flags.img_size, len(classes), checkpoint, vis, device
+    )
+    return Loaded(model, classes, device, dataset, flags)
