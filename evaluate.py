@@ -19,9 +19,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from utils.cli import Parser, UsageError, add_checkpoint_args, add_model_args, run_main
 from utils.data import CIFAR, CifarDataset, ensure_cifar, load_cifar
-from utils.figures import confusion_matrix, confusion_matrix_image, save_png
+from utils.engine import evaluate
+from utils.figures import confusion_matrix_image, save_png
 from utils.image_folder import ImageFolderDataset, scan_split
-from utils.inference import evaluate_model, load_from_args
+from utils.inference import load_from_args
+from utils.precision import Precision
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         num_workers=args.num_workers,
         pin_memory=device.type == "cuda",
     )
-    result = evaluate_model(loaded.model, loader, device, args.precision)
-    cm = confusion_matrix(result.preds, result.labels, len(classes))
+    # The very function training scores with: the same accuracy to the last digit.
+    precision = Precision(args.precision, device, loss_scale=0)
+    result = evaluate(loaded.model, loader, device, precision, len(classes))
+    cm = result.confusion
 
     print(f"accuracy {result.accuracy:.4f}")
     print(f"loss {result.loss:.4f}")
-    print(f"images {len(result.labels)}")
+    print(f"images {result.count}")
     print(class_table(cm, classes))
     output = Path(args.output_dir)
     figure = save_png(confusion_matrix_image(cm, classes), output / "confusion_matrix.png")
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(loaded.flags),
         "accuracy": result.accuracy,
         "loss": result.loss,
-        "images": len(result.labels),
+        "images": result.count,
         "classes": classes,
         "confusion_matrix": cm.tolist(),  # rows: true class, columns: predicted class
     }

@@ -22,6 +22,7 @@ from tests.test_train import REPO, SMALL_CONFIG, closed_port, run_cli
 from utils.class_names import CIFAR10_CLASSES, CIFAR100_CLASSES
 from utils.cli import UsageError, run_main
 from utils.data import CifarDataset, load_cifar
+from utils.engine import evaluate
 from utils.figures import (
     GREEN,
     RED,
@@ -32,11 +33,11 @@ from utils.figures import (
 )
 from utils.inference import (
     class_names,
-    evaluate_model,
     load_checkpoint_model,
     open_checkpoint,
     preprocess,
 )
+from utils.precision import Precision
 from utils.rollout import attention_rollout, overlay_heatmap
 
 MODEL = ["--model_type", "testing", "--img_size", "32"]
@@ -178,7 +179,8 @@ def test_training_state_scores_like_the_bin(trained: Trained, subset: Path) -> N
     model = load_checkpoint_model("testing", SMALL_CONFIG, 32, len(classes), checkpoint)
     test_set = CifarDataset(load_cifar("cifar10", subset, False), 32, False)
     loader = torch.utils.data.DataLoader(test_set, batch_size=64)
-    result = evaluate_model(model, loader, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    result = evaluate(model, loader, cpu, Precision("fp32", cpu, 0), len(classes))
     assert f"{result.accuracy:.4f}" == trained.accuracy
     assert f"{result.loss:.4f}" == trained.loss
 

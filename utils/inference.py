@@ -12,7 +12,7 @@ Shared by ``evaluate.py``, ``predict.py`` and ``visualize_attention.py``:
   state_dict);
 * ``load_image`` / ``preprocess`` turn any image Pillow reads into the tensor the test transform
   of training makes: bilinear antialiased resize in float32, then [-1, 1];
-* ``evaluate_model`` / ``top_k`` score a data loader or a batch exactly as training evaluates.
+* ``top_k`` scores a batch of images exactly as training evaluates.
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -40,7 +38,6 @@ from models.npz_io import CheckpointError
 from utils.class_names import CLASS_NAMES
 from utils.cli import UsageError
 from utils.data import normalize
-from utils.precision import Precision
 
 _HEAD = "head.weight"
 _EMBED = "transformer.embeddings."
@@ -399,44 +396,6 @@ def resolve_device(name: str | None) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device
-
-
-@dataclass
-class Evaluation:
-    """Predictions over a data set: ``preds`` and ``labels`` int64 (N,), mean loss."""
-
-    preds: np.ndarray
-    labels: np.ndarray
-    loss: float
-
-    @property
-    def accuracy(self) -> float:
-        return float((self.preds == self.labels).mean())
-
-
-@torch.no_grad()
-def evaluate_model(
-    model: VisionTransformer, loader, device: torch.device, precision: str = "fp32"
-) -> Evaluation:
-    """Score every batch as ``utils.engine.evaluate`` does in training (same autocast and casts,
-    float64 loss sum), keeping every prediction."""
-    autocast = Precision(precision, device, loss_scale=0).autocast
-    model.eval()
-    preds, labels = [], []
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            logits = model(x)[0].float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        preds.append(logits.argmax(-1).cpu())
-        labels.append(y.cpu())
-    count = sum(len(y) for y in labels)
-    return Evaluation(
-        preds=torch.cat(preds).numpy().astype(np.int64),
-        labels=torch.cat(labels).numpy().astype(np.int64),
-        loss=loss_sum.item() / max(count, 1),
-    )
 
 
 @torch.no_grad()
