@@ -55,6 +55,7 @@ def run_cli(tmp_path: Path, *args: str, script: str = "train.py") -> subprocess.
     }
     tmp_path.mkdir(parents=True, exist_ok=True)
     defaults = ["--output_dir", str(tmp_path / "output"), "--logdir", str(tmp_path / "logs")]
+    defaults = defaults if script == "train.py" else []
     return subprocess.run(
         [sys.executable, str(REPO / script), *defaults, *args],
         cwd=tmp_path,

@@ -31,7 +31,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from models.checkpoint import read_checkpoint
+from models.checkpoint import load_resized, read_checkpoint
 from models.configs import CONFIGS, ConfigOverrideError, apply_overrides
 from models.modeling import VisionTransformer
 from models.npz_io import CheckpointError
@@ -264,25 +264,6 @@ def suggest_flags(state: dict[str, torch.Tensor]) -> str:
     return f"its weights fit {' '.join(flags)}{heads}"
 
 
-def _shape_problems(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
-    expected = model.state_dict()
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} in the checkpoint vs {tuple(v.shape)} in the model"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    problems = []
-    if mismatched:
-        problems.append(f"{len(mismatched)} mismatched shapes: {_describe(mismatched, 2)}")
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {_describe(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_describe(unexpected)}")
-    return "; ".join(problems)
-
-
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
@@ -335,14 +316,18 @@ def load_checkpoint_model(
         if trained
         else suggest_flags(ckpt.state_dict)
     )
-    if problems := _shape_problems(model, ckpt.state_dict):
-        raise UsageError(f"--checkpoint {ckpt.path} does not fit {flags}: {problems}; {hint}")
+    try:
+        load_resized(model, ckpt.state_dict)  # the position embedding follows --img_size
+    except CheckpointError as error:
+        problems = str(error).removeprefix("checkpoint does not fit the model: ")
+        raise UsageError(
+            f"--checkpoint {ckpt.path} does not fit {flags}: {problems}; {hint}"
+        ) from None
     saved = ckpt.trained_config()
     if saved is not None and (differences := _config_differences(saved, config)):
         raise UsageError(
             f"--checkpoint {ckpt.path} was trained with {_describe(differences)}; {hint}"
         )
-    model.load_state_dict(ckpt.state_dict, strict=True)
     return model.to(device).eval()
 
 
