@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrained_dir",
         default=None,
         help="Google .npz checkpoint to start from, downloaded when missing and official; "
-        "'none' to start from random weights (default: checkpoint/<model_type>.npz)",
+        "'none' to start from random weights (default: checkpoint/ + the model type's official "
+        "ImageNet-21k file, e.g. checkpoint/ViT-B_16.npz)",
     )
     p.add_argument("--output_dir", default="output", help="checkpoints (default: output)")
     p.add_argument("--data_dir", default="data", help="data sets, downloaded (default: data)")

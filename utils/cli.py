@@ -78,4 +78,7 @@ def run_main(main: Callable[[], int], prog: str) -> None:
     except (UsageError, *USER_ERRORS) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         code = 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        code = 0
     sys.exit(code)
