@@ -181,6 +181,7 @@ def test_parity_with_timm(tmp_path: Path, name: str, timm_name: str) -> None:
     from timm.models.vision_transformer import _load_weights
 
     path = tmp_path / f"{name}.npz"
+    torch.manual_seed(0)  # the same weights whatever ran before
     randomise(VisionTransformer(CONFIGS[name], img_size=224, num_classes=10)).export_npz(str(path))
     ours = VisionTransformer(CONFIGS[name], img_size=224, num_classes=10).eval()
     ours.load_from(np.load(path))
@@ -252,12 +253,20 @@ def test_augreg_and_hybrid_layouts_match_timms_loader(
     from timm.models.vision_transformer import _load_weights
 
     path = tmp_path / f"{name}.npz"
-    model = randomise(VisionTransformer(CONFIGS[name], img_size=64, num_classes=10), conv_std=2.0)
+    config = apply_overrides(CONFIGS[name], ["transformer.num_layers=2"])  # the layout, faster
+    torch.manual_seed(0)  # the same weights whatever ran before
+    model = randomise(VisionTransformer(config, img_size=64, num_classes=10), conv_std=2.0)
     model.export_npz(str(path))
-    ours = VisionTransformer(CONFIGS[name], img_size=64, num_classes=10).eval()
+    ours = VisionTransformer(config, img_size=64, num_classes=10).eval()
     ours.load_from(np.load(path))
-    theirs = timm.create_model(timm_name, pretrained=False, num_classes=10, img_size=64).eval()
+    theirs = timm.create_model(
+        timm_name, pretrained=False, num_classes=10, img_size=64, depth=2
+    ).eval()
     _load_weights(theirs, str(path))
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    # Google's weight standardisation (std + 1e-5) and timm's (sqrt(var + 1e-8)) drift apart by
+    # up to ~1.5e-4 over ResNet-50's 16 units; with timm's formula the two agree to 1e-13 in
+    # float64. A layout error would be off by O(1).
+    atol = 5e-4 if len(config.get("resnet", {}).get("num_layers", ())) == 4 else 1e-4
     with torch.no_grad():
-        torch.testing.assert_close(ours(x)[0], theirs(x), atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours(x)[0], theirs(x), atol=atol, rtol=0)
