@@ -28,8 +28,16 @@ from models.pretrained import default_filename, official_url
 from utils import distributed as dist
 from utils.checkpoint import atomic_save, rng_state, set_rng_state, unwrap
 from utils.cli import Parser, UsageError, add_model_args, run_main
-from utils.data import CIFAR, GlobalBatchSampler, ensure_cifar, shard_indices
+from utils.data import (
+    CIFAR,
+    CifarDataset,
+    GlobalBatchSampler,
+    KeyedSubset,
+    ensure_cifar,
+    shard_indices,
+)
 from utils.datasets import DATASETS, RunData, build_datasets
+from utils.device_data import DeviceBatches, fits_on_device
 from utils.download import download_file
 from utils.engine import evaluate, train_step
 from utils.figures import log_eval_images
@@ -115,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="training precision; bf16 needs no loss scaling (default: fp16 if --fp16, else fp32)",
     )
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument(
+        "--data_on_device",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="keep the uint8 CIFAR images on the GPU and make each batch there (auto: on CUDA "
+        "when the data takes at most a quarter of free memory; 'on' also works on the CPU)",
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--log_every", type=int, default=10, help="steps between log lines (10)")
     p.add_argument(
@@ -277,6 +292,43 @@ def make_loader(dataset, args: argparse.Namespace, ctx: dist.Context, **kwargs) 
     )
 
 
+def training_batches(data: RunData, sampler, args: argparse.Namespace, ctx: dist.Context):
+    """A function returning the next (images, labels) on the device, from the chosen data path.
+
+    On CUDA the uint8 CIFAR images live on the GPU and each batch is cropped, resized and
+    normalised there in one pass (``utils.device_data``); workers only draw the crop boxes.
+    Elsewhere, or for image folders, workers decode and transform every image.
+    """
+    base, indices = data.train, None
+    if isinstance(base, KeyedSubset):
+        base, indices = base.dataset, base.indices
+    is_cifar = type(base) is CifarDataset  # image folders decode files: CPU workers only
+    if args.data_on_device == "on" and not is_cifar:
+        raise UsageError(
+            "--data_on_device on needs a CIFAR data set; image folders stay on the CPU"
+        )
+    on_device = args.data_on_device == "on" or (
+        args.data_on_device == "auto"
+        and ctx.device.type == "cuda"
+        and is_cifar
+        and fits_on_device(base.images.numel(), ctx.device)
+    )
+    if not on_device:
+        batches = iter(make_loader(data.train, args, ctx, batch_sampler=sampler))
+
+        def next_batch():
+            x, y = next(batches)
+            return x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+
+        return next_batch
+    device_data = DeviceBatches.from_dataset(base, ctx.device)
+    boxes = device_data.crop_boxes
+    boxes = KeyedSubset(boxes, indices) if indices is not None else boxes
+    box_batches = iter(make_loader(boxes, args, ctx, batch_sampler=sampler))
+    log.info("data on %s: %d images, batches made there", ctx.device, len(device_data))
+    return lambda: device_data.train_batch(next(box_batches))
+
+
 def eval_loader(dataset, args: argparse.Namespace, ctx: dist.Context) -> DataLoader:
     """This process's share of ``dataset``: every image is scored exactly once in all."""
     shard = Subset(dataset, shard_indices(len(dataset), ctx.rank, ctx.world_size))
@@ -358,7 +410,7 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     sampler = GlobalBatchSampler(
         len(data.train), global_batch, ctx.rank, ctx.world_size, args.seed, step
     )
-    train_loader = make_loader(data.train, args, ctx, batch_sampler=sampler)
+    next_batch = training_batches(data, sampler, args, ctx)
     select_loader = eval_loader(data.select, args, ctx)
     name = data.select_name
     log.info(
@@ -399,11 +451,9 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     meter = Meter(global_batch, ctx.world_size)
     first_step = step + 1
     last_acc = float("nan")
-    batches = iter(train_loader)
     model.train()
     while step < args.num_steps:
-        x, y = next(batches)
-        batch = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        batch = next_batch()
         lr = scheduler.get_last_lr()[0]
         loss, grad_norm = train_step(
             ddp, batch, optimizer, scaler, precision, args.gradient_accumulation_steps,

@@ -93,13 +93,13 @@ def test_crop_boxes_are_the_cpu_paths() -> None:
     dataset = CifarDataset(arrays, img_size=48, train=True, seed=3)
     batches = DeviceBatches.from_dataset(dataset, "cpu")
     keys = keys_of(64, 3)
-    boxes = batches.crop_boxes.batch(keys)  # (B, 5) [index, top, left, h, w]
+    boxes = batches.crop_boxes.batch(keys)  # (B, 6) [index, top, left, h, w, flip]
     assert boxes[:, 0].tolist() == [i for i, _ in keys]
     x, _ = batches.train_batch(keys)
     cpu = torch.stack([dataset[k][0] for k in keys])
-    assert torch.equal(boxes_from_coordinates(x), boxes[:, 1:])
-    assert torch.equal(boxes_from_coordinates(cpu), boxes[:, 1:])
-    assert len(set(map(tuple, boxes[:, 1:].tolist()))) > 150  # and they do vary
+    assert torch.equal(boxes_from_coordinates(x), boxes[:, 1:5])
+    assert torch.equal(boxes_from_coordinates(cpu), boxes[:, 1:5])
+    assert len(set(map(tuple, boxes[:, 1:5].tolist()))) > 150  # and they do vary
 
 
 def test_crop_statistics_match_torchvision() -> None:
@@ -142,17 +142,21 @@ def test_deterministic_for_the_same_keys(noise: CifarArrays) -> None:
     assert not torch.equal(other.train_batch(keys)[0], x)
 
 
-def test_boxes_from_dataloader_workers_follow_the_sampler(noise: CifarArrays) -> None:
+@pytest.mark.parametrize("hflip", [False, True])
+def test_boxes_from_dataloader_workers_follow_the_sampler(noise: CifarArrays, hflip: bool) -> None:
     # how train.py feeds it: GlobalBatchSampler -> DataLoader(crop_boxes) -> train_batch
-    dataset = CifarDataset(noise, 24, train=True, seed=4)
+    dataset = CifarDataset(noise, 24, train=True, seed=4, hflip=hflip)
     batches = DeviceBatches.from_dataset(dataset, "cpu")
     sampler = GlobalBatchSampler(len(dataset), global_batch=8, rank=1, world_size=2, seed=4)
     loader = DataLoader(batches.crop_boxes, batch_sampler=sampler, num_workers=2)
+    flips = set()
     for boxes, keys in itertools.islice(zip(loader, sampler, strict=False), 12):
-        assert boxes.shape == (4, 5) and torch.equal(boxes, batches.crop_boxes.batch(keys))
+        assert boxes.shape == (4, 6) and torch.equal(boxes, batches.crop_boxes.batch(keys))
+        flips |= set(boxes[:, 5].tolist())
         x, y = batches.train_batch(boxes)
         expected = torch.stack([dataset[k][0] for k in keys])
         torch.testing.assert_close(x, expected, rtol=0, atol=2e-6)
+    assert flips == ({0, 1} if hflip else {0})
 
 
 @pytest.mark.parametrize(("start", "length", "out"), [(0, 32, 32), (5, 9, 224), (3, 27, 8)])

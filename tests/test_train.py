@@ -270,3 +270,23 @@ def test_data_and_checkpoint_problems_are_one_line(tmp_path: Path, subset: Path)
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
         assert "Traceback" not in result.stderr
     assert np.load(tmp_path / "other.npz")  # the input files are untouched
+
+
+def test_device_data_path_trains_like_the_worker_path(tmp_path: Path, subset: Path) -> None:
+    """--data_on_device on (what CUDA runs use by default) makes the same batches, here on CPU."""
+    states = []
+    for path in ("off", "on"):
+        code = train.main(
+            [
+                "--name", path, *SMALL, "--config", "transformer.dropout_rate=0",
+                "--pretrained_dir", "none", "--data_dir", str(subset), "--output_dir",
+                str(tmp_path / "out"), "--logdir", str(tmp_path / "logs"), "--train_batch_size",
+                "16", "--num_steps", "4", "--eval_every", "4", "--eval_batch_size", "256",
+                "--val_split", "0.1", "--hflip", "--data_on_device", path, "--warmup_steps", "0",
+                "--learning_rate", "0.1",
+            ]
+        )  # fmt: skip
+        assert code == 0
+        states.append(torch.load(tmp_path / "out" / f"{path}_last.pt", weights_only=True)["model"])
+    for key, value in states[0].items():
+        torch.testing.assert_close(states[1][key], value, atol=1e-5, rtol=1e-4, msg=key)

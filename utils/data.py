@@ -419,9 +419,9 @@ class KeyedSubset(Dataset):
     whichever split it lands in.
     """
 
-    def __init__(self, dataset: CifarDataset, indices: list[int]) -> None:
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
         self.dataset, self.indices = dataset, list(indices)
-        self.classes = dataset.classes
+        self.classes = getattr(dataset, "classes", None)
 
     def __len__(self) -> int:
         return len(self.indices)
