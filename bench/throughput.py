@@ -1,0 +1,566 @@
+"""Training and evaluation throughput of our ViT beside the models a user would otherwise pick.
+
+python bench/throughput.py --device cpu --batch_size 8 --steps 3 --warmup 1 --repeats 3
+python bench/throughput.py --compile --json bench.json          # on a GPU: bf16, batch 256
+python bench/throughput.py --reference_path ~/src/ViT-pytorch   # the reference's own code
+python bench/throughput.py --memory_table                       # largest batches that fit
+
+Peers, all with dropout 0 (timm's and torchvision's defaults; ours via transformer.dropout_rate=0)
+and a 10-class head: ours, timm's ViT, torchvision's ViT and the reference ViT-pytorch model (its
+source from --reference_path, else a stand-in rebuilt from its architecture). Each is timed on
+the same pre-made on-device batch for a "model train step" (forward, cross-entropy, backward,
+gradient clipping, SGD with momentum) and an "eval step" (no_grad forward). Ours is also timed
+for a "full train step", the batch made by utils.device_data from the uint8 data set, and the data
+path alone. Warm-up steps are not timed; the device is synchronised before each clock reading;
+the models take turns for --repeats rounds and the median of each figure is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.machinery
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/throughput.py`
+
+from models.configs import apply_overrides  # noqa: E402
+from models.modeling import CONFIGS, VisionTransformer  # noqa: E402
+from utils.cli import Parser, UsageError, run_main  # noqa: E402
+from utils.data import GlobalBatchSampler  # noqa: E402
+from utils.device_data import DeviceBatches  # noqa: E402
+
+NO_DROPOUT = ["transformer.dropout_rate=0", "transformer.attention_dropout_rate=0"]
+TIMM_NAMES = {
+    "ViT-Ti_16": "vit_tiny_patch16_224",
+    "ViT-S_16": "vit_small_patch16_224",
+    "ViT-B_16": "vit_base_patch16_224",
+    "ViT-B_32": "vit_base_patch32_224",
+    "ViT-L_16": "vit_large_patch16_224",
+    "ViT-L_32": "vit_large_patch32_224",
+    "ViT-H_14": "vit_huge_patch14_224",
+}
+TORCHVISION_NAMES = {
+    f"ViT-{k}": f"vit_{k.lower()}" for k in ("B_16", "B_32", "L_16", "L_32", "H_14")
+}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+GIB = 2**30
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument(
+        "--precision",
+        choices=list(DTYPES),
+        default=None,
+        help="autocast dtype, fp32 = none (default: bf16 on CUDA, fp32 on CPU)",
+    )
+    p.add_argument("--batch_size", type=int, default=None, help="(default: 256 CUDA, 8 CPU)")
+    p.add_argument("--img_size", type=int, default=224, help="(default: 224)")
+    p.add_argument("--model_type", choices=list(TIMM_NAMES), default="ViT-B_16", help="(ViT-B_16)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 CUDA, 3 CPU)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps (default: 5 CUDA, 1 CPU)"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default: 3)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument(
+        "--reference_path",
+        default=None,
+        help="checkout of the reference ViT-pytorch repository, whose models/modeling.py is "
+        "imported (default: bench/reference_standin.py, reported as 'reference (stand-in)')",
+    )
+    p.add_argument("--json", default=None, help="write every figure to this file")
+    p.add_argument(
+        "--memory_table",
+        action="store_true",
+        help="instead: largest batch of B/16 and L/16 at 224 and 384 px per GPU size "
+        "(measured on CUDA, computed on CPU)",
+    )
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# The models
+
+
+@dataclass
+class Peer:
+    name: str
+    model: nn.Module
+    logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    results: dict[str, list[float]] = field(default_factory=dict)
+
+    def record(self, key: str, value: float) -> None:
+        self.results.setdefault(key, []).append(value)
+
+
+def first_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)[0]  # ours and the reference return (logits, attention weights)
+
+
+def load_reference(path: str) -> tuple[type[nn.Module], dict]:
+    """The reference's VisionTransformer and CONFIGS from a checkout at ``path``.
+
+    Its modeling.py imports ``models.configs`` and ``.modeling_resnet``, names that our own
+    ``models`` package also has: the reference's folder is bound to ``models`` while it loads,
+    and ours is put back afterwards (the loaded modules keep their references).
+    """
+    folder = Path(path).expanduser() / "models"
+    if not (folder / "modeling.py").is_file():
+        raise UsageError(f"--reference_path {path}: no models/modeling.py there; pass a checkout")
+    ours = {k: v for k, v in sys.modules.items() if k == "models" or k.startswith("models.")}
+    spec = importlib.machinery.ModuleSpec("models", None, is_package=True)
+    spec.submodule_search_locations = [str(folder)]
+    for name in ours:
+        del sys.modules[name]
+    try:
+        sys.modules["models"] = importlib.util.module_from_spec(spec)
+        modeling = importlib.import_module("models.modeling")
+    except ImportError as error:
+        raise UsageError(f"--reference_path {path}: cannot import it ({error})") from None
+    finally:
+        for name in [k for k in sys.modules if k == "models" or k.startswith("models.")]:
+            del sys.modules[name]
+        sys.modules.update(ours)
+    return modeling.VisionTransformer, modeling.CONFIGS
+
+
+def build_peers(args: argparse.Namespace, device: torch.device) -> list[Peer]:
+    import timm
+    import torchvision
+
+    num_classes, size = 10, args.img_size
+    ours_config = apply_overrides(CONFIGS[args.model_type], NO_DROPOUT)
+    peers = [
+        Peer(
+            "ours", VisionTransformer(ours_config, size, num_classes, zero_head=True), first_output
+        )
+    ]
+    timm_name = TIMM_NAMES[args.model_type]
+    timm_model = timm.create_model(timm_name, num_classes=num_classes, img_size=size)
+    peers.append(Peer(f"timm {timm_name}", timm_model, lambda m, x: m(x)))
+    if tv_name := TORCHVISION_NAMES.get(args.model_type):
+        tv_model = getattr(torchvision.models, tv_name)(num_classes=num_classes, image_size=size)
+        peers.append(Peer(f"torchvision {tv_name}", tv_model, lambda m, x: m(x)))
+    if args.reference_path:
+        ref_class, ref_configs = load_reference(args.reference_path)
+        ref_config, name = ref_configs[args.model_type].copy_and_resolve_references(), "reference"
+        ref_config.transformer.dropout_rate = ref_config.transformer.attention_dropout_rate = 0.0
+    else:
+        from bench.reference_standin import VisionTransformer as ref_class
+
+        ref_config, name = ours_config, "reference (stand-in)"
+    ref_model = ref_class(ref_config, size, zero_head=True, num_classes=num_classes)
+    peers.append(Peer(name, ref_model, first_output))
+    for peer in peers:
+        peer.model.to(device).train()
+        if args.compile:
+            peer.model = torch.compile(peer.model)
+    return peers
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps and clocks
+
+
+@dataclass
+class Setup:
+    device: torch.device
+    precision: str  # fp32, bf16 or fp16
+    batch_size: int
+    steps: int
+    warmup: int
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return DTYPES[self.precision]
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class TrainStep:
+    """One optimizer update as train.py makes it: autocast forward, scaled backward, clip, SGD."""
+
+    def __init__(
+        self, peer: Peer, setup: Setup, next_batch: Callable[[], tuple], batch_bytes: int = 0
+    ) -> None:
+        self.peer, self.setup, self.next_batch = peer, setup, next_batch
+        self.batch_bytes = batch_bytes  # of input data kept on the device between steps
+        # fused on every device: train.py's SGD on CUDA, and what it should use on CPU too
+        self.optimizer = torch.optim.SGD(peer.model.parameters(), lr=1e-3, momentum=0.9, fused=True)
+        self.scaler = torch.amp.GradScaler(setup.device.type, enabled=setup.dtype == torch.float16)
+
+    def __call__(self) -> None:
+        x, y = self.next_batch()
+        with self.setup.autocast():
+            loss = F.cross_entropy(self.peer.logits(self.peer.model, x).float(), y)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.peer.model.parameters(), 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def resident_bytes(self) -> int:
+        """Parameters, optimizer state and input data: allocated before a step, kept after it."""
+        tensors = list(self.peer.model.parameters())
+        for state in self.optimizer.state.values():
+            tensors += [t for t in state.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors) + self.batch_bytes
+
+
+def make_eval_step(peer: Peer, setup: Setup, batch: tuple) -> Callable:
+    @torch.no_grad()
+    def step() -> None:
+        with setup.autocast():
+            peer.logits(peer.model, batch[0])
+
+    return step
+
+
+@dataclass
+class Timing:
+    per_second: float  # images per second of wall-clock time
+    per_cpu_second: float  # images per second of this process's CPU time (all its threads)
+    peak_bytes: int
+
+
+def measure(step: Callable, setup: Setup, resident: Callable[[], int] = lambda: 0) -> Timing:
+    """Time setup.steps calls of ``step`` after setup.warmup untimed ones.
+
+    The peak (CUDA only, else 0) is the allocator's high-water mark during the timed steps above
+    what was allocated before them, plus ``resident()`` after warm-up: the bytes of this model's
+    parameters, optimizer state and batch, allocated before the timed steps (as were the other
+    models', which do not count).
+    """
+    for _ in range(setup.warmup):
+        step()
+    setup.sync()
+    cuda = setup.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(setup.device)
+        base = torch.cuda.memory_allocated(setup.device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    for _ in range(setup.steps):
+        step()
+    setup.sync()
+    elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    peak = torch.cuda.max_memory_allocated(setup.device) - base + resident() if cuda else 0
+    images = setup.batch_size * setup.steps
+    return Timing(images / elapsed, images / elapsed_cpu, peak)
+
+
+def synthetic_cifar(n: int, img_size: int, device: torch.device) -> DeviceBatches:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    return DeviceBatches(images, torch.arange(n) % 10, img_size, seed=0, device=device)
+
+
+def time_data_path(data: DeviceBatches, keys: Iterator, setup: Setup) -> dict[str, float]:
+    """Images/s of the data path, of its device part alone and of its host part alone."""
+    boxes = data.crop_boxes.batch(next(keys)).to(setup.device)
+    return {
+        "data_path": measure(lambda: data.train_batch(next(keys)), setup).per_second,
+        "device_transform": measure(lambda: data.train_batch(boxes), setup).per_second,
+        "host_boxes": measure(lambda: data.crop_boxes.batch(next(keys)), setup).per_second,
+    }
+
+
+def benchmark(args: argparse.Namespace, setup: Setup) -> dict:
+    torch.manual_seed(0)
+    peers = build_peers(args, setup.device)
+    B, S = setup.batch_size, args.img_size
+    ideal = (  # the pre-made batch every model step is fed
+        torch.randn(B, 3, S, S, device=setup.device).clamp_(-1, 1),
+        torch.randint(0, 10, (B,), device=setup.device),
+    )
+    ideal_bytes = sum(t.numel() * t.element_size() for t in ideal)
+    train_steps = [TrainStep(p, setup, lambda: ideal, ideal_bytes) for p in peers]
+    data = synthetic_cifar(50_000, S, setup.device)
+    keys = iter(GlobalBatchSampler(len(data), B, rank=0, world_size=1, seed=0))
+    ours = peers[0]
+    full_step = TrainStep(ours, setup, lambda: data.train_batch(next(keys)), data.images.numel())
+
+    for round_ in range(args.repeats):
+        for peer, step in zip(peers, train_steps, strict=True):
+            train = measure(step, setup, step.resident_bytes)
+            peer.model.eval()
+            eval_ = measure(make_eval_step(peer, setup, ideal), setup)
+            peer.model.train()
+            peer.record("train", train.per_second)
+            peer.record("train_cpu", train.per_cpu_second)
+            peer.record("train_peak_bytes", train.peak_bytes)
+            peer.record("eval", eval_.per_second)
+            peer.record("eval_cpu", eval_.per_cpu_second)
+            print(
+                f"round {round_ + 1}/{args.repeats} {peer.name}: train {train.per_second:.1f}, "
+                f"eval {eval_.per_second:.1f} img/s (load {os.getloadavg()[0]:.1f})"
+            )
+        full = measure(full_step, setup, full_step.resident_bytes)
+        ours.record("full_train", full.per_second)
+        ours.record("full_train_cpu", full.per_cpu_second)
+        ours.record("full_train_peak_bytes", full.peak_bytes)
+        for key, value in time_data_path(data, keys, setup).items():
+            ours.record(key, value)
+    return {p.name: p.results for p in peers}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def print_table(results: dict[str, dict[str, list[float]]], setup: Setup, cpu_time=False) -> dict:
+    """Print medians of images/s (per CPU-second if ``cpu_time``), ratios and peak memory."""
+    key = {"train": "train_cpu", "eval": "eval_cpu", "full": "full_train_cpu"} if cpu_time else {}
+    med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
+    timm = next(m for n, m in med.items() if n.startswith("timm"))
+    ref = next(m for n, m in med.items() if n.startswith("reference"))
+    train, eval_ = key.get("train", "train"), key.get("eval", "eval")
+    rows = [(n, m[train], m[eval_], max(results[n]["train_peak_bytes"])) for n, m in med.items()]
+    full = med["ours"][key.get("full", "full_train")]
+    full_peak = max(results["ours"]["full_train_peak_bytes"])
+    rows.insert(1, ("ours, full step (data + model)", full, None, full_peak))
+    unit = "images per CPU-second (all threads)" if cpu_time else "images/s"
+    rounds = len(results["ours"]["train"])
+    where = device_name(setup.device)
+    where += f", {torch.get_num_threads()} threads" if setup.device.type == "cpu" else ""
+    print(f"\n{where}, {setup.precision}, batch {setup.batch_size}: {unit}")
+    columns = ["train/timm", "train/ref", "eval/timm", "eval/ref"]
+    print(f"{f'median of {rounds} rounds':<32}{'train':>9}{'eval':>9}", end="")
+    print("".join(f"{c:>11}" for c in columns) + f"{'peak MiB':>10}")
+    ratios = {}
+    for name, train_speed, eval_speed, peak in rows:
+        cells = [ratio(train_speed, timm[train]), ratio(train_speed, ref[train])]
+        cells += [ratio(eval_speed, timm[eval_]), ratio(eval_speed, ref[eval_])]
+        ratios[name] = dict(zip(columns, cells, strict=True))
+        eval_text = f"{eval_speed:.1f}" if eval_speed else "-"
+        mib = f"{peak / 2**20:.0f}" if peak else "-"
+        print(f"{name:<32}{train_speed:>9.1f}{eval_text:>9}", end="")
+        print("".join(f"{c:>11}" for c in cells) + f"{mib:>10}")
+    return ratios
+
+
+def print_data_path(results: dict[str, dict[str, list[float]]], setup: Setup) -> None:
+    ours = {k: statistics.median(v) for k, v in results["ours"].items()}
+    print(
+        f"data path alone: {ours['data_path']:.0f} img/s (device transform "
+        f"{ours['device_transform']:.0f} img/s, crop boxes on the host {ours['host_boxes']:.0f} "
+        "img/s in one process; train.py can draw them in DataLoader workers)"
+    )
+    if setup.device.type == "cpu":
+        print("(on CPU the data path runs on the same cores, in series with the model step)")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory table
+
+
+@contextmanager
+def memory_cap(device: torch.device, capacity: float) -> Iterator[None]:
+    """Let the allocator use ``capacity`` bytes of this GPU (1 GiB less, for the CUDA context)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (capacity - GIB) / total), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def fits(model: nn.Module, setup: Setup, batch: int, img_size: int) -> bool:
+    """Whether one training step of ``batch`` images runs without running out of memory."""
+
+    def attempt() -> None:  # its batch, gradients and optimizer state are freed on return
+        data = (
+            torch.randn(batch, 3, img_size, img_size, device=setup.device),
+            torch.zeros(batch, dtype=torch.long, device=setup.device),
+        )
+        TrainStep(Peer("", model, first_output), setup, lambda: data)()
+        setup.sync()
+
+    try:
+        attempt()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def largest_batch(model: nn.Module, setup: Setup, img_size: int, step: int = 8) -> int:
+    """Largest multiple of ``step`` that fits (doubling, then bisection); 0 if none does."""
+    low, high = 0, step
+    while fits(model, setup, high, img_size):
+        low, high = high, high * 2
+    while high - low > step:
+        mid = (low + high) // 2 // step * step
+        low, high = (mid, high) if fits(model, setup, mid, img_size) else (low, mid)
+    return low
+
+
+def activation_bytes(model: nn.Module, setup: Setup, img_size: int) -> tuple[int, int]:
+    """(bytes per image, bytes per step) that autograd keeps for backward in one forward pass.
+
+    Counted with saved-tensor hooks on batches of 1 and 2 (each storage once, parameters left
+    out); the difference is the per-image part, the rest (autocast's low-precision weight
+    copies, for instance) is per step.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved(batch: int) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            s = t.untyped_storage()
+            if s.data_ptr() not in params:
+                storages[s.data_ptr()] = s.nbytes()
+            return t
+
+        x = torch.randn(batch, 3, img_size, img_size, device=setup.device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), setup.autocast():
+            first_output(model, x).float().sum()
+        return sum(storages.values())
+
+    one, two = saved(1), saved(2)
+    return two - one, 2 * one - two
+
+
+def memory_table(args: argparse.Namespace, setup: Setup) -> dict:
+    """Largest batch per GPU size; measured on CUDA, computed from a formula elsewhere."""
+    measured = setup.device.type == "cuda"
+    capacities = (24, 40, 80)
+    print(
+        f"largest training batch (ours, {setup.precision} autocast, SGD momentum): "
+        + ("measured" if measured else "computed")
+    )
+    if measured:
+        print(f"measured on {device_name(setup.device)}, the allocator capped at N - 1 GiB")
+    else:
+        print(
+            "computed as (N GiB - 1 GiB - 12 bytes/parameter - per-step bytes) / "
+            "(1.1 x activation bytes per image), activations counted by autograd hooks"
+        )
+    print(f"{'model':<10}{'img':>5}" + "".join(f"{f'{c} GB':>9}" for c in capacities))
+    table = {}
+    for model_type in ("ViT-B_16", "ViT-L_16"):
+        for img_size in (224, 384):
+            config = apply_overrides(CONFIGS[model_type], NO_DROPOUT)
+            model = VisionTransformer(config, img_size, 10, zero_head=True).to(setup.device)
+            if measured:
+                row = []
+                for c in capacities:
+                    with memory_cap(setup.device, c * GIB):
+                        row.append(largest_batch(model, setup, img_size))
+            else:
+                per_image, per_step = activation_bytes(model, setup, img_size)
+                static = 12 * sum(p.numel() for p in model.parameters())  # weight, grad, momentum
+                row = [
+                    max(0, math.floor((c * GIB - GIB - static - per_step) / (1.1 * per_image)))
+                    for c in capacities
+                ]
+                print(
+                    f"  {model_type} {img_size}px: {per_image / 2**20:.1f} MiB/image saved for "
+                    f"backward, {per_step / 2**20:.0f} MiB/step, {static / 2**20:.0f} MiB static"
+                )
+            table[f"{model_type}@{img_size}"] = dict(zip(map(str, capacities), row, strict=True))
+            print(f"{model_type:<10}{img_size:>5}" + "".join(f"{b:>9}" for b in row))
+            del model
+    return {"kind": "measured" if measured else "computed", "table": table}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+    cuda = device.type == "cuda"
+    setup = Setup(
+        device=device,
+        precision=args.precision or ("bf16" if cuda or args.memory_table else "fp32"),
+        batch_size=args.batch_size or (256 if cuda else 8),
+        steps=args.steps or (20 if cuda else 3),
+        warmup=args.warmup if args.warmup is not None else (5 if cuda else 1),
+    )
+    if min(setup.batch_size, setup.steps, args.repeats, args.img_size) <= 0:
+        raise UsageError("--batch_size, --steps, --repeats and --img_size must be positive")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+
+    report = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "flags": vars(args),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "threads": torch.get_num_threads(),
+        "load_average_before": os.getloadavg(),
+    }
+    if args.memory_table:
+        report["memory_table"] = memory_table(args, setup)
+    else:
+        import timm
+        import torchvision
+
+        report |= {"timm": timm.__version__, "torchvision": torchvision.__version__}
+        report["results"] = benchmark(args, setup)
+        report["ratios"] = print_table(report["results"], setup)
+        if device.type == "cpu":  # CPU time is less disturbed by other processes on the machine
+            report["ratios_cpu_time"] = print_table(report["results"], setup, cpu_time=True)
+        print_data_path(report["results"], setup)
+        report["load_average_after"] = os.getloadavg()
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, "bench/throughput.py")
