@@ -83,6 +83,18 @@ def test_trains_on_an_image_folder(tmp_path: Path) -> None:
     assert meta["classes"] == ["cat", "dog", "fish"]
     state, meta_pt = read_checkpoint(tmp_path / "output" / "folder_last.pt")
     assert meta_pt["classes"] == ["cat", "dog", "fish"] and state["head.weight"].shape[0] == 3
+    # The class names travel with the checkpoint: no --dataset or model flags needed.
+    image = next((root / "val" / "dog").iterdir())
+    checkpoint = str(tmp_path / "output" / "folder_checkpoint.bin")
+    predicted = run_cli(tmp_path, "--checkpoint", checkpoint, str(image), script="predict.py")
+    assert predicted.returncode == 0, predicted.stderr
+    assert {"cat", "dog", "fish"} <= set(predicted.stdout.split())
+    evaluated = run_cli(
+        tmp_path, "--checkpoint", checkpoint, "--data_dir", str(root),
+        "--output_dir", str(tmp_path / "eval"), "--num_workers", "0", script="evaluate.py",
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "images 6" in evaluated.stdout and "fish" in evaluated.stdout
 
 
 def test_validation_split_is_disjoint_fixed_and_world_size_free() -> None:

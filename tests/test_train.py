@@ -290,3 +290,25 @@ def test_device_data_path_trains_like_the_worker_path(tmp_path: Path, subset: Pa
         states.append(torch.load(tmp_path / "out" / f"{path}_last.pt", weights_only=True)["model"])
     for key, value in states[0].items():
         torch.testing.assert_close(states[1][key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_both_launcher_spellings_of_local_rank() -> None:
+    parser = train.build_parser()
+    for flag in ("--local_rank", "--local-rank"):
+        assert parser.parse_args(["--name", "x", flag, "3"]).local_rank == 3
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_state(
+    tmp_path: Path, subset: Path
+) -> None:
+    args = [
+        "--name", "nan", *SMALL, "--pretrained_dir", "none", "--data_dir", str(subset),
+        "--output_dir", str(tmp_path / "out"), "--logdir", str(tmp_path / "logs"),
+        "--train_batch_size", "16", "--num_steps", "40", "--eval_every", "1", "--log_every", "1",
+        "--warmup_steps", "0", "--max_grad_norm", "1e30", "--eval_batch_size", "256",
+    ]  # fmt: skip
+    with pytest.raises(train.UsageError, match=r"the loss became (nan|inf) by step \d+; stopping"):
+        train.main([*args, "--learning_rate", "1e12"])
+    state = torch.load(tmp_path / "out" / "nan_last.pt", weights_only=True)
+    assert 1 <= state["step"] < 40
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
