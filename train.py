@@ -361,8 +361,8 @@ def score_test(model, test_set, best_path: Path, args, ctx, precision: Precision
 
 def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int:
     output = Path(args.output_dir)
-    if ctx.is_main:
-        prepare_output(output)
+    # Rank 0's verdict reaches every rank: none is left waiting for a process that has exited.
+    dist.on_main_first(lambda: prepare_output(output), ctx.is_main)
     resume = resume_path(args)
     state = load_state(resume) if resume else None
     global_batch = args.train_batch_size * ctx.world_size
