@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from models.npz_io import CheckpointError, resize_pos_embed
+from models.npz_io import CheckpointError, describe_keys, resize_pos_embed
 
 log = logging.getLogger(__name__)
 POSEMB = "transformer.embeddings.position_embeddings"
@@ -82,9 +82,6 @@ def load_resized(
             ("unexpected", unexpected),
         ):
             if keys:
-                shown = ", ".join(keys[:3]) + (
-                    f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-                )
-                parts.append(f"{len(keys)} {label}: {shown}")
+                parts.append(f"{len(keys)} {label}: {describe_keys(keys, 3)}")
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(parts))
     model.load_state_dict(state)

@@ -177,7 +177,8 @@ def read_npz(path: str | Path) -> Mapping[str, np.ndarray]:
     return data
 
 
-def _describe(keys: list[str], limit: int = 4) -> str:
+def describe_keys(keys: list[str], limit: int = 4) -> str:
+    """The first ``limit`` items, then how many more: for one-line error messages."""
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
@@ -259,11 +260,11 @@ def load_npz_weights(model: VisionTransformer, weights: Mapping[str, np.ndarray]
     if missing or mismatched or unexpected:
         problems = []
         if missing:
-            problems.append(f"{len(missing)} missing keys: {_describe(missing)}")
+            problems.append(f"{len(missing)} missing keys: {describe_keys(missing)}")
         if mismatched:
-            problems.append(f"{len(mismatched)} mismatched shapes: {_describe(mismatched)}")
+            problems.append(f"{len(mismatched)} mismatched shapes: {describe_keys(mismatched)}")
         if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys: {_describe(unexpected)}")
+            problems.append(f"{len(unexpected)} unexpected keys: {describe_keys(unexpected)}")
         model_desc = (
             f"hidden size {model.config.hidden_size}, {len(model.transformer.encoder.layer)} "
             f"layers, patches {'x'.join(map(str, model.config.patches.size))}"

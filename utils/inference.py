@@ -34,7 +34,7 @@ from torchvision.transforms import InterpolationMode
 from models.checkpoint import load_resized, read_checkpoint
 from models.configs import CONFIGS, ConfigOverrideError, apply_overrides
 from models.modeling import VisionTransformer
-from models.npz_io import CheckpointError
+from models.npz_io import CheckpointError, describe_keys
 from utils.class_names import CLASS_NAMES
 from utils.cli import UsageError
 from utils.data import normalize
@@ -49,11 +49,6 @@ def _one_line(error: BaseException, limit: int = 160) -> str:
     """The first line of an exception's text, shortened: torch.load's errors run to pages."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _describe(items: list[str], limit: int = 3) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +321,7 @@ def load_checkpoint_model(
     saved = ckpt.trained_config()
     if saved is not None and (differences := _config_differences(saved, config)):
         raise UsageError(
-            f"--checkpoint {ckpt.path} was trained with {_describe(differences)}; {hint}"
+            f"--checkpoint {ckpt.path} was trained with {describe_keys(differences, 3)}; {hint}"
         )
     return model.to(device).eval()
 
