@@ -10,13 +10,12 @@ command line. ``--img_size`` other than the training one resizes the position em
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from models.npz_io import export_npz_weights
+from utils.checkpoint import atomic_write
 from utils.cli import Parser, UsageError, add_checkpoint_args, add_model_args, run_main
 from utils.inference import load_from_args
 
@@ -37,11 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_from_args(args)
     arrays = export_npz_weights(loaded.model)
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, output)
+        atomic_write(output, lambda f: np.savez(f, **arrays))
     except OSError as error:
         raise UsageError(f"--output {output} cannot be written ({error.strerror})") from None
     print(f"wrote {output}: {loaded.flags}, {len(loaded.classes)} classes, {len(arrays)} arrays")

@@ -26,7 +26,7 @@ from models.modeling import CONFIGS, VisionTransformer
 from models.npz_io import read_npz
 from models.pretrained import default_filename, official_url
 from utils import distributed as dist
-from utils.checkpoint import atomic_save, rng_state, set_rng_state, unwrap
+from utils.checkpoint import atomic_save, atomic_write, rng_state, set_rng_state, unwrap
 from utils.cli import Parser, UsageError, add_model_args, run_main
 from utils.data import (
     CIFAR,
@@ -345,9 +345,8 @@ def save_best(model, args: argparse.Namespace, output: Path, classes: list[str])
     """The reference's ``<name>_checkpoint.bin`` (a bare state_dict) and a ``.json`` beside it."""
     bin_path = output / f"{args.name}_checkpoint.bin"
     atomic_save(unwrap(model).state_dict(), bin_path)
-    meta = bin_path.with_suffix(".json")
-    meta.with_suffix(".json.tmp").write_text(json.dumps(checkpoint_metadata(args, classes)))
-    os.replace(meta.with_suffix(".json.tmp"), meta)
+    meta = json.dumps(checkpoint_metadata(args, classes)).encode()
+    atomic_write(bin_path.with_suffix(".json"), lambda f: f.write(meta))
 
 
 def score_test(model, test_set, best_path: Path, args, ctx, precision: Precision):
@@ -423,7 +422,7 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         f" / {len(data.test)} test images" if data.test is not None else "",
     )  # fmt: skip
     reporter = Reporter(
-        Path(args.logdir) / args.name if ctx.is_main else None, args.num_steps, step, args.log_every
+        Path(args.logdir) / args.name if ctx.is_main else None, args.num_steps, step
     )
     reporter.text("args", "  \n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 

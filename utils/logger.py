@@ -31,9 +31,7 @@ def setup_logging(is_main: bool) -> None:
 class Reporter:
     """TensorBoard scalars and a progress bar on rank 0; plain log lines when not on a terminal."""
 
-    def __init__(
-        self, logdir: Path | None, total_steps: int, start_step: int, log_every: int
-    ) -> None:
+    def __init__(self, logdir: Path | None, total_steps: int, start_step: int) -> None:
         self.writer = None
         if logdir is not None:
             from torch.utils.tensorboard import SummaryWriter  # slow import: rank 0 only
@@ -43,7 +41,6 @@ class Reporter:
         self.bar = tqdm(
             total=total_steps, initial=start_step, desc="train", disable=not self.interactive
         )
-        self.log_every = log_every
         self.total_steps = total_steps
 
     def scalars(self, values: dict[str, float], step: int) -> None:
