@@ -90,13 +90,26 @@ class Attention(nn.Module):
         self.proj_dropout = nn.Dropout(config.transformer.dropout_rate)
         self.softmax = nn.Softmax(dim=-1)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, N, _ = hidden_states.shape
-        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
-        bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
-        qkv = F.linear(hidden_states, weight, bias)  # (B, N, 3 * D)
-        qkv = qkv.view(B, N, 3, self.num_attention_heads, self.attention_head_size)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+    def _project(self, x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
+        """``linears`` applied to ``x`` as one matrix product: (len(linears), B, heads, N, d)."""
+        if len(linears) == 1:
+            y = linears[0](x)
+        else:
+            weight = torch.cat([linear.weight for linear in linears])
+            y = F.linear(x, weight, torch.cat([linear.bias for linear in linears]))
+        B, N, _ = x.shape
+        y = y.view(B, N, len(linears), self.num_attention_heads, self.attention_head_size)
+        return y.permute(2, 0, 3, 1, 4)
+
+    def forward(
+        self, hidden_states: torch.Tensor, cls_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend from every token, or with ``cls_only`` from the class token alone: (B, 1, D)."""
+        if cls_only:
+            (q,) = self._project(hidden_states[:, :1], self.query)
+            k, v = self._project(hidden_states, self.key, self.value)
+        else:
+            q, k, v = self._project(hidden_states, self.query, self.key, self.value)
         if self.vis:
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.attention_head_size)
             weights = self.softmax(scores)  # (B, heads, N, N)
@@ -105,7 +118,8 @@ class Attention(nn.Module):
             weights = None
             p = self.attn_dropout.p if self.training else 0.0
             context = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        context = context.transpose(1, 2).reshape(B, N, self.all_head_size)  # (B, N, D)
+        B, _, n_queries, _ = context.shape
+        context = context.transpose(1, 2).reshape(B, n_queries, self.all_head_size)  # (B, N, D)
         return self.proj_dropout(self.out(context)), weights
 
 
@@ -132,24 +146,37 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
         self.ffn = Mlp(config)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h, weights = self.attn(self.attention_norm(x))
-        x = x + h
+    def forward(
+        self, x: torch.Tensor, cls_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, weights = self.attn(self.attention_norm(x), cls_only)
+        x = (x[:, :1] if cls_only else x) + h
         x = x + self.ffn(self.ffn_norm(x))
         return x, weights
 
 
 class Encoder(nn.Module):
+    """The blocks and the final LayerNorm.
+
+    With ``cls_only`` the last block computes the class token's output alone, (B, 1, D), which is
+    all the classifier reads: its query, output projection and MLP then cost 1/N of their full
+    price, about 7 % of ViT-B/16's training FLOPs at 224 px. The other tokens' keys and values
+    are still computed, so the class token's output is the same as in the full pass.
+    """
+
     def __init__(self, config: ml_collections.ConfigDict, vis: bool) -> None:
         super().__init__()
         self.vis = vis
         self.layer = nn.ModuleList(Block(config, vis) for _ in range(config.transformer.num_layers))
         self.encoder_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, cls_only: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         attn_weights = []
-        for block in self.layer:
-            x, weights = block(x)
+        last = len(self.layer) - 1
+        for i, block in enumerate(self.layer):
+            x, weights = block(x, cls_only and i == last)
             if self.vis:
                 attn_weights.append(weights)
         return self.encoder_norm(x), attn_weights
@@ -161,8 +188,10 @@ class Transformer(nn.Module):
         self.embeddings = Embeddings(config, img_size)
         self.encoder = Encoder(config, vis)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return self.encoder(self.embeddings(x))
+    def forward(
+        self, x: torch.Tensor, cls_only: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.encoder(self.embeddings(x), cls_only)
 
 
 class VisionTransformer(nn.Module):
@@ -218,7 +247,8 @@ class VisionTransformer(nn.Module):
     def forward(
         self, x: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        x, attn_weights = self.transformer(x)
+        # with vis, every layer's full attention matrix is returned, so the last block runs in full
+        x, attn_weights = self.transformer(x, cls_only=not self.transformer.encoder.vis)
         x = x[:, 0]  # the class token, (B, D)
         if hasattr(self, "pre_logits"):
             x = torch.tanh(self.pre_logits(x))

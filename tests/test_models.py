@@ -114,6 +114,33 @@ def test_fused_attention_equals_explicit_softmax() -> None:
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["ViT-B_16", "R26+ViT-S_32"])
+def test_class_token_only_last_block_equals_the_full_pass(name: str) -> None:
+    """The classifier's shortcut (last block on the class token alone) changes no value or
+    gradient: compared in float64 with the head applied to the full encoder output."""
+    torch.manual_seed(0)
+    config = apply_overrides(CONFIGS[name], ["transformer.num_layers=2"])
+    model = VisionTransformer(config, img_size=64, num_classes=5).double().eval()
+    with torch.no_grad():
+        model.head.weight.normal_()  # a zero-initialised head would pass no gradient back
+    x, labels = torch.randn(3, 3, 64, 64, dtype=torch.float64), torch.tensor([0, 4, 2])
+
+    def gradients(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    shortcut = model(x)[0]
+    full = model.head(model.transformer(x)[0][:, 0])
+    assert model.transformer(x, cls_only=True)[0].shape == (3, 1, config.hidden_size)
+    torch.testing.assert_close(shortcut, full, rtol=1e-12, atol=1e-12)
+    fast = gradients(torch.nn.functional.cross_entropy(shortcut, labels))
+    slow = gradients(torch.nn.functional.cross_entropy(full, labels))
+    for n in slow:
+        torch.testing.assert_close(fast[n], slow[n], rtol=1e-10, atol=1e-12, msg=n)
+    assert slow["transformer.encoder.layer.1.attn.key.weight"].abs().sum() > 0
+
+
 def test_dropout_is_active_only_in_training() -> None:
     torch.manual_seed(0)
     model = small("testing", num_classes=3)
