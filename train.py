@@ -35,9 +35,10 @@ from utils.data import (
     KeyedSubset,
     ensure_cifar,
     shard_indices,
+    unwrap_subset,
 )
 from utils.datasets import DATASETS, RunData, build_datasets
-from utils.device_data import DeviceBatches, fits_on_device
+from utils.device_data import DeviceBatches, DeviceEvalBatches, fits_on_device
 from utils.download import download_file
 from utils.engine import evaluate, train_step
 from utils.figures import log_eval_images
@@ -127,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--data_on_device",
         choices=["auto", "on", "off"],
         default="auto",
-        help="keep the uint8 CIFAR images on the GPU and make each batch there (auto: on CUDA "
-        "when the data takes at most a quarter of free memory; 'on' also works on the CPU)",
+        help="keep the uint8 CIFAR images on the GPU and make each training and evaluation "
+        "batch there (auto: on CUDA when the data takes at most a quarter of free memory; "
+        "'on' also works on the CPU)",
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--log_every", type=int, default=10, help="steps between log lines (10)")
@@ -292,28 +294,37 @@ def make_loader(dataset, args: argparse.Namespace, ctx: dist.Context, **kwargs) 
     )
 
 
-def training_batches(data: RunData, sampler, args: argparse.Namespace, ctx: dist.Context):
-    """A function returning the next (images, labels) on the device, from the chosen data path.
+def use_data_on_device(data: RunData, args: argparse.Namespace, ctx: dist.Context) -> bool:
+    """--data_on_device: whether the uint8 CIFAR images live on the device for this run.
 
-    On CUDA the uint8 CIFAR images live on the GPU and each batch is cropped, resized and
-    normalised there in one pass (``utils.device_data``); workers only draw the crop boxes.
-    Elsewhere, or for image folders, workers decode and transform every image.
+    ``auto`` means on CUDA, when every set is CIFAR and they take at most a quarter of the free
+    memory. Image folders decode files, so they stay with the CPU workers.
     """
-    base, indices = data.train, None
-    if isinstance(base, KeyedSubset):
-        base, indices = base.dataset, base.indices
-    is_cifar = type(base) is CifarDataset  # image folders decode files: CPU workers only
+    sets = [unwrap_subset(d)[0] for d in (data.train, data.select, data.test) if d is not None]
+    is_cifar = all(type(s) is CifarDataset for s in sets)
     if args.data_on_device == "on" and not is_cifar:
         raise UsageError(
             "--data_on_device on needs a CIFAR data set; image folders stay on the CPU"
         )
-    on_device = args.data_on_device == "on" or (
-        args.data_on_device == "auto"
-        and ctx.device.type == "cuda"
-        and is_cifar
-        and fits_on_device(base.images.numel(), ctx.device)
-    )
-    if not on_device:
+    if args.data_on_device != "auto":
+        return args.data_on_device == "on"
+    if ctx.device.type != "cuda" or not is_cifar:
+        return False
+    nbytes = sum({id(s.images): s.images.numel() for s in sets}.values())  # shared sets once
+    return fits_on_device(nbytes, ctx.device)
+
+
+def training_batches(
+    data: RunData, sampler, args: argparse.Namespace, ctx: dist.Context, copies: dict | None
+):
+    """A function returning the next (images, labels) on the device, from the chosen data path.
+
+    With ``copies`` (a dict shared by the run's device sets) the uint8 images live on the device
+    and each batch is cropped, resized and normalised there in one pass
+    (``utils.device_data``); workers only draw the crop boxes. Otherwise workers decode and
+    transform every image.
+    """
+    if copies is None:
         batches = iter(make_loader(data.train, args, ctx, batch_sampler=sampler))
 
         def next_batch():
@@ -321,18 +332,25 @@ def training_batches(data: RunData, sampler, args: argparse.Namespace, ctx: dist
             return x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
 
         return next_batch
-    device_data = DeviceBatches.from_dataset(base, ctx.device)
-    boxes = device_data.crop_boxes
-    boxes = KeyedSubset(boxes, indices) if indices is not None else boxes
+    base, indices = unwrap_subset(data.train)
+    device_data = DeviceBatches.from_dataset(base, ctx.device, copies)
+    boxes = KeyedSubset(device_data.crop_boxes, indices)
     box_batches = iter(make_loader(boxes, args, ctx, batch_sampler=sampler))
     log.info("data on %s: %d images, batches made there", ctx.device, len(device_data))
     return lambda: device_data.train_batch(next(box_batches))
 
 
-def eval_loader(dataset, args: argparse.Namespace, ctx: dist.Context) -> DataLoader:
-    """This process's share of ``dataset``: every image is scored exactly once in all."""
-    shard = Subset(dataset, shard_indices(len(dataset), ctx.rank, ctx.world_size))
-    return make_loader(shard, args, ctx, batch_size=args.eval_batch_size)
+def eval_batches(
+    dataset, args: argparse.Namespace, ctx: dist.Context, copies: dict | None
+) -> DataLoader | DeviceEvalBatches:
+    """This process's share of ``dataset`` (every image is scored exactly once in all), made on
+    the device when ``copies`` is given, else by DataLoader workers."""
+    share = shard_indices(len(dataset), ctx.rank, ctx.world_size)
+    if copies is None:
+        return make_loader(Subset(dataset, share), args, ctx, batch_size=args.eval_batch_size)
+    base, indices = unwrap_subset(dataset)
+    device_data = DeviceBatches.from_dataset(base, ctx.device, copies)
+    return DeviceEvalBatches(device_data, [indices[i] for i in share], args.eval_batch_size)
 
 
 def checkpoint_metadata(args: argparse.Namespace, classes: list[str]) -> dict:
@@ -349,13 +367,12 @@ def save_best(model, args: argparse.Namespace, output: Path, classes: list[str])
     atomic_write(bin_path.with_suffix(".json"), lambda f: f.write(meta))
 
 
-def score_test(model, test_set, best_path: Path, args, ctx, precision: Precision):
+def score_test(model, batches, num_classes: int, best_path: Path, ctx, precision: Precision):
     """Test accuracy and loss of the final weights, then of the best ones (left in ``model``)."""
-    loader = eval_loader(test_set, args, ctx)
-    final = evaluate(model, loader, ctx.device, precision, len(test_set.classes))
+    final = evaluate(model, batches, ctx.device, precision, num_classes)
     dist.barrier()  # rank 0 has written the best weights
     model.load_state_dict(read_checkpoint(best_path)[0])
-    return final, evaluate(model, loader, ctx.device, precision, len(test_set.classes))
+    return final, evaluate(model, batches, ctx.device, precision, num_classes)
 
 
 def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int:
@@ -409,8 +426,9 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     sampler = GlobalBatchSampler(
         len(data.train), global_batch, ctx.rank, ctx.world_size, args.seed, step
     )
-    next_batch = training_batches(data, sampler, args, ctx)
-    select_loader = eval_loader(data.select, args, ctx)
+    copies = {} if use_data_on_device(data, args, ctx) else None
+    next_batch = training_batches(data, sampler, args, ctx, copies)
+    select_batches = eval_batches(data.select, args, ctx, copies)
     name = data.select_name
     log.info(
         "%s on %s: %d process(es), global batch %d (%d per process in %d micro-batches of %d), "
@@ -474,7 +492,7 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
                 )
         if evaluate_now:
             scores = evaluate(
-                unwrap(model), select_loader, ctx.device, precision, len(data.classes)
+                unwrap(model), select_batches, ctx.device, precision, len(data.classes)
             )
             acc, loss_value, count = scores.accuracy, scores.loss, scores.count
             if reporter.writer is not None:
@@ -521,8 +539,9 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         )
     else:
         best_path = output / f"{args.name}_checkpoint.bin"
+        test_batches = eval_batches(data.test, args, ctx, copies)
         final_test, best_test = score_test(
-            unwrap(model), data.test, best_path, args, ctx, precision
+            unwrap(model), test_batches, len(data.classes), best_path, ctx, precision
         )
         reporter.scalars(
             {"test/accuracy_final": final_test[0], "test/loss_final": final_test[1],

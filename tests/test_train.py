@@ -292,6 +292,38 @@ def test_device_data_path_trains_like_the_worker_path(tmp_path: Path, subset: Pa
         torch.testing.assert_close(states[1][key], value, atol=1e-5, rtol=1e-4, msg=key)
 
 
+def test_evaluation_batches_on_the_device_are_the_workers(subset: Path) -> None:
+    """Each rank's device-made evaluation batches hold the DataLoader's images and labels, the
+    ranks together score every image once, and the validation split shares the training set's
+    device copy."""
+    from utils.datasets import build_datasets
+    from utils.device_data import DeviceEvalBatches
+    from utils.distributed import Context
+
+    data = build_datasets("cifar10", subset, 40, seed=3, val_split=0.1, hflip=True)
+    args = train.build_parser().parse_args(
+        ["--name", "x", "--num_workers", "0", "--eval_batch_size", "64"]
+    )
+    for dataset in (data.select, data.test):
+        labels = []
+        for rank in range(3):
+            ctx = Context(rank, 3, rank, torch.device("cpu"))
+            copies: dict = {}
+            made = train.eval_batches(dataset, args, ctx, copies)
+            assert isinstance(made, DeviceEvalBatches) and len(copies) == 1
+            loaded = list(train.eval_batches(dataset, args, ctx, None))
+            assert len(list(made)) == len(loaded) == len(made)
+            for (x, y), (x_ref, y_ref) in zip(made, loaded, strict=True):
+                torch.testing.assert_close(x, x_ref, rtol=0, atol=2e-6)
+                assert torch.equal(y, y_ref)
+                labels += y.tolist()
+        assert sorted(labels) == sorted(dataset[i][1] for i in range(len(dataset)))
+    copies = {}
+    train.training_batches(data, [], args, Context(0, 1, 0, torch.device("cpu")), copies)
+    train.eval_batches(data.select, args, Context(0, 1, 0, torch.device("cpu")), copies)
+    assert len(copies) == 1  # the validation split reuses the training images' device copy
+
+
 def test_both_launcher_spellings_of_local_rank() -> None:
     parser = train.build_parser()
     for flag in ("--local_rank", "--local-rank"):

@@ -14,6 +14,7 @@ Three concerns, kept independent of the model and of the training script:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import operator
@@ -382,6 +383,12 @@ class CifarDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def for_evaluation(self) -> CifarDataset:
+        """The same images (one tensor, shared) with the evaluation transform."""
+        plain = copy.copy(self)
+        plain.train, plain.hflip = False, False
+        return plain
+
     def load(self, index: int) -> torch.Tensor:
         """Image ``index`` as a uint8 (3, H, W) tensor."""
         return self.images[index]
@@ -430,6 +437,13 @@ class KeyedSubset(Dataset):
         if isinstance(key, tuple):
             return self.dataset[(self.indices[key[0]], key[1])]
         return self.dataset[self.indices[key]]
+
+
+def unwrap_subset(dataset: Dataset) -> tuple[Dataset, list[int]]:
+    """The data set under a KeyedSubset and the indices into it (all of them for a plain set)."""
+    if isinstance(dataset, KeyedSubset):
+        return dataset.dataset, dataset.indices
+    return dataset, list(range(len(dataset)))
 
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -41,7 +41,7 @@ def build_datasets(
     else:
         arrays = load_cifar(name, root, train=True)
         train = CifarDataset(arrays, img_size, True, seed, hflip)
-        plain = CifarDataset(arrays, img_size, False)
+        plain = train.for_evaluation()
         test = CifarDataset(load_cifar(name, root, train=False), img_size, False)
     classes = train.classes
     if val_split > 0:

@@ -21,7 +21,7 @@ Nothing in :meth:`DeviceBatches.train_batch` waits for the device.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -105,10 +105,23 @@ class DeviceBatches:
         self.crop_boxes = CropBoxes(len(images), seed, *images.shape[-2:], hflip=hflip)
 
     @classmethod
-    def from_dataset(cls, dataset: CifarDataset, device: torch.device | str) -> DeviceBatches:
-        return cls(
-            dataset.images, dataset.labels, dataset.img_size, dataset.seed, device, dataset.hflip
-        )
+    def from_dataset(
+        cls,
+        dataset: CifarDataset,
+        device: torch.device | str,
+        copies: dict[int, torch.Tensor] | None = None,
+    ) -> DeviceBatches:
+        """``dataset``'s images on ``device``, with its size, seed and flip setting.
+
+        ``copies`` (host tensor id -> device tensor) lets data sets that share one host tensor,
+        such as a training set and its validation split, share one device copy.
+        """
+        images = dataset.images
+        if copies is not None:
+            if id(images) not in copies:
+                copies[id(images)] = images.to(device)
+            images = copies[id(images)]
+        return cls(images, dataset.labels, dataset.img_size, dataset.seed, device, dataset.hflip)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -149,6 +162,25 @@ class DeviceBatches:
             size = (self.img_size, self.img_size)
             x = F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=True)
         return normalize(x), self.labels[index]
+
+
+class DeviceEvalBatches:
+    """Evaluation batches of ``indices`` (in order) made on the device.
+
+    An iterable of ``(images, labels)`` like a DataLoader over the evaluation CifarDataset, so
+    :func:`utils.engine.evaluate` takes either. The indices are copied to the device once.
+    """
+
+    def __init__(self, data: DeviceBatches, indices: Sequence[int], batch_size: int) -> None:
+        self.data, self.batch_size = data, batch_size
+        self.indices = torch.as_tensor(list(indices), dtype=torch.long).to(data.device)
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.indices), self.batch_size):
+            yield self.data.eval_batch(self.indices[start : start + self.batch_size])
 
 
 def fits_on_device(nbytes: int, device: torch.device, fraction: float = 0.25) -> bool:

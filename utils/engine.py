@@ -54,7 +54,8 @@ def evaluate(
     """Accuracy, mean loss and confusion matrix over the whole set, each process scoring its
     own share; and the first ``keep`` images of this process's share, for a figure."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # correct, loss sum
+    count = 0  # counted on the host, so that no batch waits for the device
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     kept: list[tuple[torch.Tensor, ...]] = []
     for x, y in loader:
@@ -64,13 +65,14 @@ def evaluate(
         pred = logits.argmax(-1)
         correct = (pred == y).sum()
         loss = F.cross_entropy(logits, y, reduction="sum")
-        totals += torch.stack(
-            (correct.double(), loss.double(), torch.tensor(len(y), device=device))
-        )
-        confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2)
+        totals += torch.stack((correct.double(), loss.double()))
+        count += len(y)
+        cells = y * num_classes + pred  # (bincount on CUDA would read its max back)
+        confusion.scatter_add_(0, cells, torch.ones_like(cells))
         if sum(len(k[0]) for k in kept) < keep:
             kept.append((x[:keep].cpu(), pred[:keep].cpu(), y[:keep].cpu()))
     model.train()
+    totals = torch.cat((totals, totals.new_tensor([count])))
     correct, loss, count = dist.all_reduce_sum(totals).tolist()
     confusion = dist.all_reduce_sum(confusion).view(num_classes, num_classes).cpu().numpy()
     samples = tuple(torch.cat(parts)[:keep] for parts in zip(*kept, strict=True))
