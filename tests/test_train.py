@@ -292,6 +292,32 @@ def test_device_data_path_trains_like_the_worker_path(tmp_path: Path, subset: Pa
         torch.testing.assert_close(states[1][key], value, atol=1e-5, rtol=1e-4, msg=key)
 
 
+def test_compiled_training_matches_eager(tmp_path: Path, subset: Path) -> None:
+    """--compile (inductor, about 40 s to compile here) trains to the eager run's weights and
+    saves checkpoints under the model's own parameter names."""
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    states = []
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        code = train.main(
+            [
+                "--name", name, *SMALL, "--config", "transformer.dropout_rate=0",
+                "--config", "transformer.num_layers=2", "--pretrained_dir", "none",
+                "--data_dir", str(subset), "--output_dir", str(tmp_path / "out"),
+                "--logdir", str(tmp_path / "logs"), "--train_batch_size", "16",
+                "--num_steps", "3", "--eval_every", "3", "--eval_batch_size", "512",
+                "--warmup_steps", "0", "--learning_rate", "0.1", *extra,
+            ]
+        )  # fmt: skip
+        assert code == 0
+        states.append(torch.load(tmp_path / "out" / f"{name}_checkpoint.bin", weights_only=True))
+    assert states[0].keys() == states[1].keys()
+    for key, value in states[0].items():
+        torch.testing.assert_close(states[1][key], value, atol=1e-5, rtol=1e-4, msg=key)
+    assert counters["stats"]["unique_graphs"] > graphs_before  # it did compile
+
+
 def test_evaluation_batches_on_the_device_are_the_workers(subset: Path) -> None:
     """Each rank's device-made evaluation batches hold the DataLoader's images and labels, the
     ranks together score every image once, and the validation split shares the training set's
