@@ -317,8 +317,9 @@ def benchmark(args: argparse.Namespace, setup: Setup) -> dict:
             peer.record("eval", eval_.per_second)
             peer.record("eval_cpu", eval_.per_cpu_second)
             print(
-                f"round {round_ + 1}/{args.repeats} {peer.name}: train {train.per_second:.1f}, "
-                f"eval {eval_.per_second:.1f} img/s (load {os.getloadavg()[0]:.1f})"
+                f"round {round_ + 1}/{args.repeats} {peer.name}: train "
+                f"{speed(train.per_second)}, eval {speed(eval_.per_second)} img/s "
+                f"(load {os.getloadavg()[0]:.1f})"
             )
         full = measure(full_step, setup, full_step.resident_bytes)
         ours.record("full_train", full.per_second)
@@ -335,6 +336,13 @@ def benchmark(args: argparse.Namespace, setup: Setup) -> dict:
 
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
+
+
+def speed(value: float | None) -> str:
+    """Images/s with three significant figures below 100 (CPU figures are around 1)."""
+    if not value:
+        return "-"
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def print_table(results: dict[str, dict[str, list[float]]], setup: Setup, cpu_time=False) -> dict:
@@ -361,9 +369,8 @@ def print_table(results: dict[str, dict[str, list[float]]], setup: Setup, cpu_ti
         cells = [ratio(train_speed, timm[train]), ratio(train_speed, ref[train])]
         cells += [ratio(eval_speed, timm[eval_]), ratio(eval_speed, ref[eval_])]
         ratios[name] = dict(zip(columns, cells, strict=True))
-        eval_text = f"{eval_speed:.1f}" if eval_speed else "-"
         mib = f"{peak / 2**20:.0f}" if peak else "-"
-        print(f"{name:<32}{train_speed:>9.1f}{eval_text:>9}", end="")
+        print(f"{name:<32}{speed(train_speed):>9}{speed(eval_speed):>9}", end="")
         print("".join(f"{c:>11}" for c in cells) + f"{mib:>10}")
     return ratios
 
