@@ -17,8 +17,16 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, Dataset
 
-from utils.cli import Parser, UsageError, add_checkpoint_args, add_model_args, run_main
+from utils.cli import (
+    Parser,
+    UsageError,
+    add_checkpoint_args,
+    add_data_on_device_arg,
+    add_model_args,
+    run_main,
+)
 from utils.data import CIFAR, CifarDataset, ensure_cifar, load_cifar
+from utils.device_data import DeviceBatches, DeviceEvalBatches, use_device_data
 from utils.engine import evaluate
 from utils.figures import confusion_matrix_image, save_png
 from utils.image_folder import ImageFolderDataset, scan_split
@@ -38,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eval_batch_size", type=int, default=64, help="(default: 64, as train.py)")
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    add_data_on_device_arg(p)
     p.add_argument(
         "--precision",
         choices=["fp32", "fp16", "bf16"],
@@ -73,12 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_from_args(args)
     classes, device = loaded.classes, loaded.device
     images = load_test_set(loaded.dataset, args.data_dir, loaded.flags.img_size, classes)
-    loader = DataLoader(
-        images,
-        batch_size=args.eval_batch_size,
-        num_workers=args.num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    if use_device_data(args.data_on_device, [images], device):
+        on_device = DeviceBatches.from_dataset(images, device)
+        loader = DeviceEvalBatches(on_device, range(len(images)), args.eval_batch_size)
+    else:
+        loader = DataLoader(
+            images,
+            batch_size=args.eval_batch_size,
+            num_workers=args.num_workers,
+            pin_memory=device.type == "cuda",
+        )
     # The very function training scores with: the same accuracy to the last digit.
     precision = Precision(args.precision, device, loss_scale=0)
     result = evaluate(loaded.model, loader, device, precision, len(classes))

@@ -27,10 +27,9 @@ from models.npz_io import read_npz
 from models.pretrained import default_filename, official_url
 from utils import distributed as dist
 from utils.checkpoint import atomic_save, atomic_write, rng_state, set_rng_state, unwrap
-from utils.cli import Parser, UsageError, add_model_args, run_main
+from utils.cli import Parser, UsageError, add_data_on_device_arg, add_model_args, run_main
 from utils.data import (
     CIFAR,
-    CifarDataset,
     GlobalBatchSampler,
     KeyedSubset,
     ensure_cifar,
@@ -38,7 +37,7 @@ from utils.data import (
     unwrap_subset,
 )
 from utils.datasets import DATASETS, RunData, build_datasets
-from utils.device_data import DeviceBatches, DeviceEvalBatches, fits_on_device
+from utils.device_data import DeviceBatches, DeviceEvalBatches, use_device_data
 from utils.download import download_file
 from utils.engine import evaluate, train_step
 from utils.figures import log_eval_images
@@ -124,14 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="training precision; bf16 needs no loss scaling (default: fp16 if --fp16, else fp32)",
     )
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument(
-        "--data_on_device",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="keep the uint8 CIFAR images on the GPU and make each training and evaluation "
-        "batch there (auto: on CUDA when the data takes at most a quarter of free memory; "
-        "'on' also works on the CPU)",
-    )
+    add_data_on_device_arg(p)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--log_every", type=int, default=10, help="steps between log lines (10)")
     p.add_argument(
@@ -294,26 +286,6 @@ def make_loader(dataset, args: argparse.Namespace, ctx: dist.Context, **kwargs) 
     )
 
 
-def use_data_on_device(data: RunData, args: argparse.Namespace, ctx: dist.Context) -> bool:
-    """--data_on_device: whether the uint8 CIFAR images live on the device for this run.
-
-    ``auto`` means on CUDA, when every set is CIFAR and they take at most a quarter of the free
-    memory. Image folders decode files, so they stay with the CPU workers.
-    """
-    sets = [unwrap_subset(d)[0] for d in (data.train, data.select, data.test) if d is not None]
-    is_cifar = all(type(s) is CifarDataset for s in sets)
-    if args.data_on_device == "on" and not is_cifar:
-        raise UsageError(
-            "--data_on_device on needs a CIFAR data set; image folders stay on the CPU"
-        )
-    if args.data_on_device != "auto":
-        return args.data_on_device == "on"
-    if ctx.device.type != "cuda" or not is_cifar:
-        return False
-    nbytes = sum({id(s.images): s.images.numel() for s in sets}.values())  # shared sets once
-    return fits_on_device(nbytes, ctx.device)
-
-
 def training_batches(
     data: RunData, sampler, args: argparse.Namespace, ctx: dist.Context, copies: dict | None
 ):
@@ -426,7 +398,8 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     sampler = GlobalBatchSampler(
         len(data.train), global_batch, ctx.rank, ctx.world_size, args.seed, step
     )
-    copies = {} if use_data_on_device(data, args, ctx) else None
+    sets = [unwrap_subset(d)[0] for d in (data.train, data.select, data.test) if d is not None]
+    copies = {} if use_device_data(args.data_on_device, sets, ctx.device) else None
     next_batch = training_batches(data, sampler, args, ctx, copies)
     select_batches = eval_batches(data.select, args, ctx, copies)
     name = data.select_name

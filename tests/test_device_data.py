@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
-from utils.data import CifarArrays, CifarDataset, GlobalBatchSampler
-from utils.device_data import DeviceBatches, resize_weights
+from utils.data import CifarArrays, CifarDataset, DataError, GlobalBatchSampler
+from utils.device_data import DeviceBatches, resize_weights, use_device_data
+from utils.image_folder import ImageFolderDataset
 
 CLASSES = list("abcdefghij")
 
@@ -176,3 +177,23 @@ def test_resize_weights_are_a_normalised_filter_inside_the_crop(
     crop = row[..., start : start + length]
     expected = F.interpolate(crop, (1, out), mode="bilinear", antialias=True).flatten()
     torch.testing.assert_close(w @ row.flatten(), expected, rtol=0, atol=1e-4)
+
+
+def test_auto_puts_cifar_on_cuda_when_it_takes_a_quarter_of_free_memory(
+    noise: CifarArrays, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train = CifarDataset(noise, img_size=32, train=True)
+    sets = [train, train.for_evaluation()]  # one image tensor, counted once
+    nbytes = train.images.numel()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for free, expected in [(4 * nbytes, True), (4 * nbytes - 1, False)]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 10**12))
+        assert use_device_data("auto", sets, cuda) is expected
+    assert use_device_data("auto", sets, cpu) is False  # CPU workers by default
+    assert use_device_data("on", sets, cpu) is True and use_device_data("off", sets, cuda) is False
+
+    folder = object.__new__(ImageFolderDataset)  # only its type matters here
+    assert use_device_data("auto", [folder], cuda) is False
+    assert use_device_data("off", [folder], cuda) is False
+    with pytest.raises(DataError, match="--data_on_device on needs a CIFAR data set"):
+        use_device_data("on", [train, folder], cpu)

@@ -157,6 +157,13 @@ def test_evaluate_reproduces_the_logged_accuracy(
     with Image.open(tmp_path / "eval" / "confusion_matrix.png") as figure:
         assert figure.format == "PNG" and figure.width > 300 and figure.height > 300
 
+    on_device = run_script(
+        tmp_path, "evaluate.py", "--checkpoint", str(trained.bin), "--data_on_device", "on",
+        "--data_dir", str(subset), "--output_dir", str(tmp_path / "eval_on_device"),
+    )  # fmt: skip
+    assert on_device.returncode == 0, on_device.stderr
+    assert on_device.stdout.splitlines()[:14] == lines[:14]  # what CUDA runs use by default
+
 
 def test_training_state_scores_like_the_bin(trained: Trained, subset: Path) -> None:
     """The *_last.pt of the same step holds the same weights, and its own class names."""

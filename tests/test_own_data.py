@@ -95,6 +95,12 @@ def test_trains_on_an_image_folder(tmp_path: Path) -> None:
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
     assert "images 6" in evaluated.stdout and "fish" in evaluated.stdout
+    refused = run_cli(
+        tmp_path, "--checkpoint", checkpoint, "--data_dir", str(root), "--data_on_device", "on",
+        script="evaluate.py",
+    )  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "--data_on_device on needs a CIFAR data set" in refused.stderr
 
 
 def test_validation_split_is_disjoint_fixed_and_world_size_free() -> None:

@@ -53,6 +53,16 @@ def add_model_args(parser: argparse.ArgumentParser, from_checkpoint: bool = Fals
     )
 
 
+def add_data_on_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data_on_device",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="keep the uint8 CIFAR images on the GPU and make each batch there (auto: on CUDA "
+        "when the data takes at most a quarter of free memory; 'on' also works on the CPU)",
+    )
+
+
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     """The flags of the scripts that use a trained model: which weights, classes and device."""
     parser.add_argument(

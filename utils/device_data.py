@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from utils.data import CifarDataset, mix_seed, normalize, sample_crop_box
+from utils.data import CifarDataset, DataError, mix_seed, normalize, sample_crop_box
 
 
 class CropBoxes(Dataset):
@@ -181,6 +181,23 @@ class DeviceEvalBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.indices), self.batch_size):
             yield self.data.eval_batch(self.indices[start : start + self.batch_size])
+
+
+def use_device_data(choice: str, datasets: Sequence[Dataset], device: torch.device) -> bool:
+    """``--data_on_device`` (``auto``, ``on``, ``off``) for a run over ``datasets``.
+
+    ``auto`` is on for CUDA when every set is CIFAR and their images (a tensor shared by two sets
+    counted once) take at most a quarter of the free memory. Image folders decode files, so they
+    stay with the DataLoader workers; ``on`` is an error for them.
+    """
+    is_cifar = all(type(d) is CifarDataset for d in datasets)
+    if choice == "on" and not is_cifar:
+        raise DataError("--data_on_device on needs a CIFAR data set; image folders stay on the CPU")
+    if choice != "auto":
+        return choice == "on"
+    if device.type != "cuda" or not is_cifar:
+        return False
+    return fits_on_device(sum({id(d.images): d.images.numel() for d in datasets}.values()), device)
 
 
 def fits_on_device(nbytes: int, device: torch.device, fraction: float = 0.25) -> bool:
