@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from utils.cli import (
     Parser,
@@ -31,6 +31,7 @@ from utils.engine import evaluate
 from utils.figures import confusion_matrix_image, save_png
 from utils.image_folder import ImageFolderDataset, scan_split
 from utils.inference import load_from_args
+from utils.loader import make_loader
 from utils.precision import Precision
 
 
@@ -86,12 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         on_device = DeviceBatches.from_dataset(images, device)
         loader = DeviceEvalBatches(on_device, range(len(images)), args.eval_batch_size)
     else:
-        loader = DataLoader(
-            images,
-            batch_size=args.eval_batch_size,
-            num_workers=args.num_workers,
-            pin_memory=device.type == "cuda",
-        )
+        loader = make_loader(images, args.num_workers, device, batch_size=args.eval_batch_size)
     # The very function training scores with: the same accuracy to the last digit.
     precision = Precision(args.precision, device, loss_scale=0)
     result = evaluate(loaded.model, loader, device, precision, len(classes))

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
+from PIL import Image
 
 from utils.cli import Parser, UsageError, add_checkpoint_args, add_model_args, run_main
 from utils.inference import load_from_args, load_image, preprocess, top_k
@@ -21,18 +24,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, from_checkpoint=True)
     add_checkpoint_args(p)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files, or folders: every image Pillow reads inside, recursively, sorted",
+    )
     p.add_argument("--top_k", type=int, default=5, help="classes to list per image (default: 5)")
     p.add_argument("--batch_size", type=int, default=32, help="images per forward pass (32)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     return p
 
 
+def collect_images(paths: list[str]) -> list[tuple[str, Image.Image]]:
+    """Each file given, and each readable image in each folder given (others noted on stderr)."""
+    found = []
+    for given in paths:
+        folder = Path(given)
+        if not folder.is_dir():
+            found.append((given, load_image(given)))
+            continue
+        inside = []
+        for path in sorted(f for f in folder.rglob("*") if f.is_file()):
+            if any(part.startswith(".") for part in path.relative_to(folder).parts):
+                continue  # hidden files and folders
+            try:
+                inside.append((str(path), load_image(path)))
+            except UsageError as error:
+                print(f"skipping {path}: {error}", file=sys.stderr)
+        if not inside:
+            raise UsageError(f"folder {folder} holds no image that Pillow can read")
+        found += inside
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.top_k <= 0 or args.batch_size <= 0:
         raise UsageError("--top_k and --batch_size must be positive")
-    pictures = [load_image(path) for path in args.images]  # every file checked before the model
+    named = collect_images(args.images)  # every file checked before the model
+    names, pictures = [n for n, _ in named], [p for _, p in named]
     loaded = load_from_args(args)
     classes = loaded.classes
     results = []
@@ -40,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         chunk = slice(start, start + args.batch_size)
         batch = torch.stack([preprocess(p, loaded.flags.img_size) for p in pictures[chunk]])
         probs, indices = top_k(loaded.model, batch, args.top_k, loaded.device)
-        for path, p, idx in zip(args.images[chunk], probs.tolist(), indices.tolist(), strict=True):
+        for path, p, idx in zip(names[chunk], probs.tolist(), indices.tolist(), strict=True):
             top = [
                 {"class": classes[i], "index": i, "probability": v}
                 for v, i in zip(p, idx, strict=True)

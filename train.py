@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, Subset
 
 from models.checkpoint import load_resized, read_checkpoint
 from models.configs import apply_overrides
-from models.modeling import CONFIGS, VisionTransformer
+from models.modeling import CONFIGS, VisionTransformer, uncovered_pixels
 from models.npz_io import read_npz
-from models.pretrained import default_filename, official_url
+from models.pretrained import BUCKET, MIRROR_VARIABLE, default_filename, describe, official_url
 from utils import distributed as dist
 from utils.checkpoint import atomic_save, atomic_write, rng_state, set_rng_state, unwrap
 from utils.cli import Parser, UsageError, add_data_on_device_arg, add_model_args, run_main
@@ -38,10 +38,12 @@ from utils.data import (
 )
 from utils.datasets import DATASETS, RunData, build_datasets
 from utils.device_data import DeviceBatches, DeviceEvalBatches, use_device_data
-from utils.download import download_file
+from utils.download import DownloadError, download_file
 from utils.engine import evaluate, train_step
 from utils.figures import log_eval_images
+from utils.loader import make_loader as worker_loader
 from utils.logger import Meter, Reporter, setup_logging
+from utils.memory import GIB, available_bytes, measure_step
 from utils.precision import Precision
 from utils.scheduler import build_scheduler
 from utils.signals import StopRequest
@@ -141,23 +143,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for flag in ("train_batch_size", "eval_batch_size", "num_steps", "eval_every", "img_size"):
+    """Refuse values that would crash later or silently train something else than asked."""
+    positive = (
+        "train_batch_size", "eval_batch_size", "num_steps", "eval_every", "img_size",
+        "gradient_accumulation_steps", "log_every", "learning_rate", "max_grad_norm",
+    )  # fmt: skip
+    for flag in positive:
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}")
-    if args.gradient_accumulation_steps <= 0:
-        raise UsageError("--gradient_accumulation_steps must be positive")
+    for flag in ("warmup_steps", "num_workers", "weight_decay", "loss_scale", "seed"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if args.train_batch_size % args.gradient_accumulation_steps:
         raise UsageError(
             f"--train_batch_size {args.train_batch_size} is not divisible by "
             f"--gradient_accumulation_steps {args.gradient_accumulation_steps}"
         )
-    if args.warmup_steps < 0 or args.num_workers < 0 or args.log_every <= 0:
-        raise UsageError("--warmup_steps and --num_workers must be >= 0, --log_every > 0")
+    if args.warmup_steps >= args.num_steps:
+        raise UsageError(
+            f"--warmup_steps {args.warmup_steps} is not below --num_steps {args.num_steps}: the "
+            "learning rate would never reach its peak or decay; lower --warmup_steps"
+        )
     if not 0 <= args.val_split < 1:
         raise UsageError(f"--val_split must be in [0, 1), got {args.val_split}")
-    apply_overrides(CONFIGS[args.model_type], args.config)  # a typo fails now, not after the data
+    if args.name in ("", ".", "..") or "/" in args.name or "\\" in args.name:
+        raise UsageError(
+            f"--name {args.name!r} is not a plain file name; it names files in --output_dir "
+            "and a folder in --logdir (pick those folders with those flags)"
+        )
+    config = apply_overrides(CONFIGS[args.model_type], args.config)  # a typo fails now
+    if problem := uncovered_pixels(config, args.img_size):
+        raise UsageError(problem)
     if args.fp16 and args.precision not in (None, "fp16"):
         raise UsageError(f"--fp16 contradicts --precision {args.precision}; pass one of them")
+    if args.loss_scale > 0 and not (args.fp16 or args.precision == "fp16"):
+        raise UsageError("--loss_scale applies to float16 training only; add --fp16")
 
 
 def prepare_output(path: Path) -> None:
@@ -173,18 +193,71 @@ def prepare_output(path: Path) -> None:
         ) from None
 
 
-def fetch_pretrained(path: Path) -> Path:
+def starting_point(args: argparse.Namespace) -> tuple[Path | None, str]:
+    """The weights a run starts from (None: random), and the words every report uses for them."""
+    if args.pretrained_dir is not None and args.pretrained_dir.lower() == "none":
+        return None, "training from random weights (--pretrained_dir none)"
+    if args.pretrained_dir is None:
+        path = Path("checkpoint") / default_filename(args.model_type)
+    else:
+        path = Path(args.pretrained_dir)
+    if path.suffix in (".bin", ".pt"):
+        kind = "a checkpoint of this project"
+    else:
+        kind = describe(path.name) or "a .npz in Google's layout"
+    return path, f"fine-tuning from {path} ({kind})"
+
+
+def fetch_pretrained(path: Path, args: argparse.Namespace) -> Path:
     """The checkpoint at ``path``, downloaded from Google's bucket first when it is official."""
     if path.exists():
         return path
     url = official_url(path.name)
     if url is None:
+        given = (
+            f"--pretrained_dir {path}"
+            if args.pretrained_dir
+            else f"the default --pretrained_dir of --model_type {args.model_type}, {path},"
+        )
         raise UsageError(
-            f"--pretrained_dir {path} does not exist and is not the name of an official "
-            "checkpoint (e.g. ViT-B_16.npz); pass an existing file, or 'none' for random weights"
+            f"{given} does not exist and is not the name of an official checkpoint (e.g. "
+            "ViT-B_16.npz); pass an existing file, or --pretrained_dir none for random weights"
         )
     log.info("downloading %s to %s", url, path)
-    return download_file(url, path, desc=path.name)
+    try:
+        return download_file(url, path, desc=path.name)
+    except DownloadError as error:
+        raise UsageError(
+            f"{error}, or set {MIRROR_VARIABLE} to a mirror of {BUCKET} (the same layout)"
+        ) from None
+
+
+def check_memory(model, args: argparse.Namespace, ctx: dist.Context, precision: Precision) -> str:
+    """Stop before the first step when it cannot fit; return the advice for a later OOM."""
+    step = measure_step(model, args.img_size, ctx.device, precision.autocast)
+    available = available_bytes(ctx.device)
+    batch = args.train_batch_size
+    micro = batch // args.gradient_accumulation_steps
+    fixes, n = [], step.fewest_micro_batches(batch, available)
+    if n is not None and n <= args.gradient_accumulation_steps:  # for an OOM the estimate missed
+        accum = args.gradient_accumulation_steps
+        n = next((d for d in range(accum + 1, batch + 1) if batch % d == 0), None)
+    if n is not None:
+        fixes.append(
+            f"--gradient_accumulation_steps {n} (micro-batches of {batch // n}, about "
+            f"{step.needed(batch // n) / GIB:.1f} GiB; the same global batch)"
+        )
+    if precision.name == "fp32":
+        fixes.append("--precision bf16")
+    fixes.append("a smaller --img_size")
+    advice = (
+        f"a step of {micro} images of {args.img_size} px ({args.model_type}, {precision.name}) "
+        f"needs about {step.needed(micro) / GIB:.1f} GiB, and {available / GIB:.1f} GiB of "
+        f"{ctx.device.type} memory are free; use " + ", or ".join(fixes)
+    )
+    if dist.any_rank(step.needed(micro) > available, ctx.device):
+        raise UsageError(advice)
+    return advice
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> VisionTransformer:
@@ -230,6 +303,11 @@ def check_resumable(state: dict, args: argparse.Namespace, path: Path, global_ba
                 f"--resume {path} was written with --{key} {state['args'].get(key)}, "
                 f"not {getattr(args, key)}; pass the same flags as the interrupted run"
             )
+    if args.num_steps <= state["step"]:
+        raise UsageError(
+            f"--resume {path} is already at step {state['step']}, and --num_steps is "
+            f"{args.num_steps}: nothing is left to train; raise --num_steps to go on"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,31 +337,18 @@ def build_data(args: argparse.Namespace, ctx: dist.Context) -> RunData:
     return data
 
 
-def load_initial_weights(args: argparse.Namespace, ctx: dist.Context, model) -> None:
+def load_initial_weights(path: Path, args: argparse.Namespace, ctx: dist.Context, model) -> None:
     """Google's .npz (downloaded when official and missing), or one of our own checkpoints."""
-    if str(args.pretrained_dir).lower() == "none":
-        return
-    path = Path(args.pretrained_dir or Path("checkpoint") / default_filename(args.model_type))
     if path.suffix in (".bin", ".pt"):
         state_dict, _ = read_checkpoint(path)
         load_resized(model, state_dict, keep_head=False)
     else:
-        path = dist.on_main_first(lambda: fetch_pretrained(path), ctx.is_main)
+        path = dist.on_main_first(lambda: fetch_pretrained(path, args), ctx.is_main)
         model.load_from(read_npz(path))
-    log.info("loaded %s", path)
 
 
 def make_loader(dataset, args: argparse.Namespace, ctx: dist.Context, **kwargs) -> DataLoader:
-    return DataLoader(
-        dataset,
-        num_workers=args.num_workers,
-        pin_memory=ctx.device.type == "cuda",
-        persistent_workers=args.num_workers > 0,
-        # Its own generator: starting an iterator must not draw from the global RNG, which
-        # drives dropout and is restored on resume.
-        generator=torch.Generator().manual_seed(args.seed),
-        **kwargs,
-    )
+    return worker_loader(dataset, args.num_workers, ctx.device, args.seed, **kwargs)
 
 
 def training_batches(
@@ -354,18 +419,21 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     resume = resume_path(args)
     state = load_state(resume) if resume else None
     global_batch = args.train_batch_size * ctx.world_size
+    weights, start = starting_point(args)
     if state is not None:
         check_resumable(state, args, resume, global_batch)
+        start = state.get("start", start)
+    log.info(start if state is None else f"resuming a run that began {start}")
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    if ctx.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     data = build_data(args, ctx)
-    model = build_model(args, len(data.classes))
-    if state is None:
-        load_initial_weights(args, ctx, model)
-    model.to(ctx.device)
+    model = build_model(args, len(data.classes)).to(ctx.device)
+    precision = Precision(
+        args.precision or ("fp16" if args.fp16 else "fp32"), ctx.device, args.loss_scale
+    )
+    memory = check_memory(model, args, ctx, precision)  # before a download that might be wasted
+    if state is None and weights is not None:
+        load_initial_weights(weights, args, ctx, model)
     # Dropout masks differ across processes, as they would across the shards of one big batch.
     torch.manual_seed(args.seed + ctx.rank)
 
@@ -377,9 +445,6 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         fused=True if ctx.device.type == "cuda" else None,
     )
     scheduler = build_scheduler(optimizer, args.decay_type, args.warmup_steps, args.num_steps)
-    precision = Precision(
-        args.precision or ("fp16" if args.fp16 else "fp32"), ctx.device, args.loss_scale
-    )
     scaler = precision.scaler()
     step, best_acc, best_step = 0, 0.0, 0
     if state is not None:
@@ -415,7 +480,10 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     reporter = Reporter(
         Path(args.logdir) / args.name if ctx.is_main else None, args.num_steps, step
     )
-    reporter.text("args", "  \n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    reporter.text(
+        "args",
+        "  \n".join([start, *(f"{k}: {v}" for k, v in sorted(vars(args).items()))]),
+    )
 
     def save_last(at_step: int) -> None:
         rngs = dist.gather_objects(rng_state())
@@ -434,6 +502,7 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
                     "args": vars(args),
                     "config": unwrap(model).config.to_dict(),
                     "classes": data.classes,
+                    "start": start,
                 },
                 output / f"{args.name}_last.pt",
             )
@@ -445,10 +514,13 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     while step < args.num_steps:
         batch = next_batch()
         lr = scheduler.get_last_lr()[0]
-        loss, grad_norm = train_step(
-            ddp, batch, optimizer, scaler, precision, args.gradient_accumulation_steps,
-            args.max_grad_norm,
-        )  # fmt: skip
+        try:
+            loss, grad_norm = train_step(
+                ddp, batch, optimizer, scaler, precision, args.gradient_accumulation_steps,
+                args.max_grad_norm,
+            )  # fmt: skip
+        except torch.OutOfMemoryError:
+            raise UsageError(f"out of memory in step {step + 1}: {memory}") from None
         scheduler.step()
         step += 1
         meter.add(step, loss, grad_norm, lr)
@@ -489,10 +561,11 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         if may_stop and dist.any_rank(stop.signum is not None, ctx.device):
             meter.flush(reporter)
             save_last(step)
-            log.warning(
-                "stopped by signal at step %d; state saved to %s. Resume with the same command "
-                "and --resume auto", step, output / f"{args.name}_last.pt",
-            )  # fmt: skip
+            if ctx.is_main:
+                log.warning(
+                    "stopped by signal at step %d; state saved to %s. Resume with the same "
+                    "command and --resume auto", step, output / f"{args.name}_last.pt",
+                )  # fmt: skip
             reporter.close()
             return 128 + (stop.signum or signal.SIGTERM)
 
@@ -533,7 +606,7 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     if ctx.is_main:
         print(
             f"summary: {verdict} | {step} steps | wall time {wall:.1f} s | "
-            f"{meter.images_per_second:.1f} images/s"
+            f"{meter.images_per_second:.1f} images/s | {start}"
         )
     return 0
 

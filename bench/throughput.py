@@ -44,6 +44,7 @@ from models.configs import apply_overrides  # noqa: E402
 from models.modeling import CONFIGS, VisionTransformer  # noqa: E402
 from utils.cli import Parser, UsageError, run_main  # noqa: E402
 from utils.data import GlobalBatchSampler  # noqa: E402
+from utils.device import resolve_device  # noqa: E402
 from utils.device_data import DeviceBatches  # noqa: E402
 
 NO_DROPOUT = ["transformer.dropout_rate=0", "transformer.attention_dropout_rate=0"]
@@ -521,10 +522,7 @@ def memory_table(args: argparse.Namespace, setup: Setup) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+    device = resolve_device(None if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
     setup = Setup(
         device=device,
@@ -535,10 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if min(setup.batch_size, setup.steps, args.repeats, args.img_size) <= 0:
         raise UsageError("--batch_size, --steps, --repeats and --img_size must be positive")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
+    if not cuda:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
     report = {

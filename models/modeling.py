@@ -25,8 +25,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.configs import CONFIGS  # noqa: F401  (re-exported: `from models.modeling import CONFIGS`)
-from models.modeling_resnet import ResNetV2
+from models.modeling_resnet import ResNetV2, feature_grid, num_downsamples
 from models.npz_io import export_npz_weights, load_npz_weights
+
+
+def uncovered_pixels(config: ml_collections.ConfigDict, img_size: int) -> str | None:
+    """Why ``img_size`` leaves part of the image outside the patch grid, or None when it does not.
+
+    The patch embedding is a convolution with stride = patch size, as in Google's code, so pixels
+    past the last whole patch are silently ignored; the scripts refuse such sizes.
+    """
+    patch = config.patches.size[0]
+    if config.get("resnet") is None:
+        if img_size % patch == 0:
+            return None
+        lower, upper = img_size // patch * patch, (img_size // patch + 1) * patch
+        return (
+            f"--img_size {img_size} is not a multiple of the {patch}-pixel patch: the last "
+            f"{img_size % patch} rows and columns of pixels would be ignored; use "
+            + (f"{lower} or {upper}" if lower else f"{upper}")
+        )
+    halvings = num_downsamples(tuple(config.resnet.num_layers))
+    side = feature_grid(img_size, halvings)
+    if side % patch == 0:
+        return None
+    step = patch * 2**halvings
+    return (
+        f"--img_size {img_size} gives a {side}x{side} ResNet feature map that {patch}x{patch} "
+        f"patches do not tile; use a multiple of {step}"
+    )
 
 
 class Embeddings(nn.Module):

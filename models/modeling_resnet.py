@@ -117,13 +117,22 @@ class ResNetV2(nn.Module):
             stages[f"block{i + 1}"] = nn.Sequential(stage)
         self.body = nn.Sequential(stages)
         self.out_channels = cin
-        self.num_downsamples = 2 + max(len(block_units) - 1, 0)
+        self.num_downsamples = num_downsamples(block_units)
 
     def feature_grid(self, img_size: int) -> int:
-        """The side of the feature map for a square input, as "SAME" padding rounds it."""
-        for _ in range(self.num_downsamples):
-            img_size = math.ceil(img_size / 2)
-        return img_size
+        return feature_grid(img_size, self.num_downsamples)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.root(x))
+
+
+def feature_grid(img_size: int, num_downsamples: int) -> int:
+    """The side of the feature map for a square input, as "SAME" padding rounds it."""
+    for _ in range(num_downsamples):
+        img_size = math.ceil(img_size / 2)
+    return img_size
+
+
+def num_downsamples(block_units: tuple[int, ...]) -> int:
+    """Halvings of the input: the stem's convolution and pool, then each stage after the first."""
+    return 2 + max(len(block_units) - 1, 0)

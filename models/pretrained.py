@@ -8,9 +8,12 @@ All live in the public Google Cloud Storage bucket ``vit_models``: the paper's m
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 BUCKET = "https://storage.googleapis.com/vit_models"
+# An internal mirror of the bucket (same layout), for clusters without internet access.
+MIRROR_VARIABLE = "VIT_CHECKPOINT_MIRROR"
 
 # The paper's checkpoints, by model name; the hybrid's file name in the bucket uses "+".
 IMAGENET21K = ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14", "R50+ViT-B_16")
@@ -67,22 +70,42 @@ def official_url(filename: str) -> str | None:
     ``imagenet21k+imagenet2012_ViT-B_16.npz`` the one fine-tuned on ImageNet-1k; AugReg files go by
     their published names.
     """
-    name = Path(filename).name
+    folder = _bucket_path(Path(filename).name)
+    if folder is None:
+        return None
+    base = os.environ.get(MIRROR_VARIABLE, "").rstrip("/") or BUCKET
+    return f"{base}/{folder}"
+
+
+def _bucket_path(name: str) -> str | None:
+    """Where an official file lies in the bucket, e.g. ``imagenet21k/ViT-B_16.npz``."""
     if not name.endswith(".npz"):
         return None
     stem = name[: -len(".npz")]
     if name in AUGREG:
-        return f"{BUCKET}/augreg/{name}"
+        return f"augreg/{name}"
     if stem.startswith("imagenet21k+imagenet2012_"):
         model = stem[len("imagenet21k+imagenet2012_") :]
         model = _ALIASES.get(model, model)
-        return (
-            f"{BUCKET}/imagenet21k+imagenet2012/{model}.npz"
-            if model in IMAGENET21K_IMAGENET2012
-            else None
-        )
+        known = model in IMAGENET21K_IMAGENET2012
+        return f"imagenet21k+imagenet2012/{model}.npz" if known else None
     model = _ALIASES.get(stem, stem)
-    return f"{BUCKET}/imagenet21k/{model}.npz" if model in IMAGENET21K else None
+    return f"imagenet21k/{model}.npz" if model in IMAGENET21K else None
+
+
+def describe(filename: str) -> str | None:
+    """What an official file holds, e.g. "ImageNet-21k, paper release"; None for other files."""
+    folder = _bucket_path(Path(filename).name)
+    if folder is None:
+        return None
+    release, name = folder.split("/")
+    if release == "augreg":
+        if "-i1k-" in name:
+            return "ImageNet-1k, AugReg release"
+        then = " then ImageNet-1k" if "--imagenet2012-" in name else ""
+        return f"ImageNet-21k{then}, AugReg release"
+    then = " then ImageNet-1k" if release == "imagenet21k+imagenet2012" else ""
+    return f"ImageNet-21k{then}, paper release"
 
 
 # Model types whose ImageNet-21k weights exist only as AugReg files: their pre-training checkpoint.

@@ -51,6 +51,27 @@ def write_cifar10(root: Path, per_batch: int = 4, seed: int = 0) -> Path:
     return folder
 
 
+def write_cifar100(root: Path, per_file: int = 8, seed: int = 0) -> Path:
+    """Write a tiny CIFAR-100 in the official layout under ``root``; return the folder."""
+    spec = CIFAR["cifar100"]
+    rng = np.random.default_rng(seed)
+    folder = root / spec.folder
+    folder.mkdir(parents=True)
+    for name in (*spec.train_files, *spec.test_files):
+        write_pickle(
+            folder / name,
+            {
+                b"filenames": [f"{i}.png".encode() for i in range(per_file)],
+                b"fine_labels": rng.integers(0, 100, per_file).tolist(),
+                b"coarse_labels": rng.integers(0, 20, per_file).tolist(),
+                b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+            },
+        )
+    names = [f"class{i}".encode() for i in range(100)]
+    write_pickle(folder / spec.meta_file, {b"fine_label_names": names})
+    return folder
+
+
 def make_archive(folder: Path, dest: Path, extra: dict[str, bytes] | None = None) -> str:
     """Pack ``folder`` and ``extra`` raw members as a .tar.gz like the official one; return MD5."""
     with tarfile.open(dest, "w:gz") as tar:

@@ -432,3 +432,22 @@ def test_subset_trains_through_a_loader(subset: Path) -> None:
     x, y = next(iter(loader))
     assert x.shape == (32, 3, 32, 32) and y.dtype == torch.int64
     assert x.min() >= -1 and x.max() <= 1
+
+
+@pytest.mark.parametrize("size", [16, 32, 77, 224])
+def test_resize_is_torchvisions_for_float_images(size: int) -> None:
+    """Our resize (no torchvision import at start) computes what torchvision's does."""
+    import torchvision.transforms.v2.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    from utils.data import resize
+
+    generator = torch.Generator().manual_seed(size)
+    image = torch.randint(0, 256, (3, 32, 48), generator=generator).float()
+    crop = image[:, 3:30, 5:41]
+    expected = TF.resized_crop(
+        image, 3, 5, 27, 36, [size, size], InterpolationMode.BILINEAR, antialias=True
+    )
+    torch.testing.assert_close(resize(crop, size), expected, rtol=0, atol=1e-4)
+    expected = TF.resize(image, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    torch.testing.assert_close(resize(image, size), expected, rtol=0, atol=1e-4)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,36 @@ def test_predict_lists_sorted_probabilities(
     assert [float(row[2]) for row in rows] == pytest.approx(
         [t["probability"] for r in results for t in r["top"]], abs=5e-5
     )
+
+
+def test_predict_reads_folders_recursively_in_sorted_order(
+    trained: Trained, images: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A folder stands for every readable image inside it; other files are noted and skipped."""
+    import predict
+
+    folder = tmp_path / "photos"
+    (folder / "b" / "inner").mkdir(parents=True)
+    (folder / ".hidden").mkdir()
+    shutil.copy(images["wide.jpg"], folder / "b" / "inner" / "z.jpg")
+    shutil.copy(images["cifar.png"], folder / "b" / "a.png")
+    shutil.copy(images["gray.png"], folder / "c.png")
+    shutil.copy(images["gray.png"], folder / ".hidden" / "h.png")
+    (folder / "notes.txt").write_text("not an image")
+    flags = [*MODEL, "--checkpoint", str(trained.bin), "--json", "--device", "cpu"]
+    assert predict.main([*flags, str(folder)]) == 0
+    out = capsys.readouterr()
+    listed = json.loads(out.out)
+    expected = [folder / "b" / "a.png", folder / "b" / "inner" / "z.jpg", folder / "c.png"]
+    assert [r["image"] for r in listed] == [str(p) for p in expected]
+    assert "skipping" in out.err and "notes.txt" in out.err
+    assert predict.main([*flags, *map(str, expected)]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {**r, "image": str(p)} for r, p in zip(listed, expected, strict=True)
+    ]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="holds no image that Pillow can read"):
+        predict.main([*flags, str(tmp_path / "empty")])
 
 
 @pytest.mark.parametrize("img_size", [32, 48])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -14,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train
 from models.configs import CONFIGS, apply_overrides
 from models.modeling import VisionTransformer
 from utils import data as data_module
+from utils.cli import run_main
 from utils.download import md5_of
 from utils.scheduler import build_scheduler, warmup_cosine, warmup_linear
 
@@ -30,7 +34,7 @@ SMALL_CONFIG = [
     "transformer.mlp_dim=128",
     "transformer.num_heads=4",
 ]
-SMALL = ["--model_type", "testing", "--img_size", "32", "--num_workers", "0"]
+SMALL = ["--model_type", "testing", "--img_size", "32", "--num_workers", "0", "--warmup_steps", "0"]
 for _item in SMALL_CONFIG:
     SMALL += ["--config", _item]
 
@@ -227,24 +231,71 @@ BAD_INPUTS = [
     (["--train_batch_size", "30", "--gradient_accumulation_steps", "4"], "not divisible"),
     (["--num_steps", "0"], "--num_steps must be positive"),
     (["--train_batch_size", "-8"], "--train_batch_size must be positive"),
+    (["--learning_rate", "0"], "--learning_rate must be positive"),
+    (["--max_grad_norm", "0"], "--max_grad_norm must be positive"),
+    (["--weight_decay=-1e-4"], "--weight_decay must be >= 0"),
+    (["--num_steps", "100", "--warmup_steps", "500"], "--warmup_steps 500 is not below"),
+    (["--img_size", "30"], "not a multiple of the 4-pixel patch: the last 2 rows"),
+    (["--img_size", "2"], "the last 2 rows and columns of pixels would be ignored; use 4"),
+    (
+        ["--model_type", "R+ViT-Ti_16", "--img_size", "40"],
+        "4x4 patches do not tile; use a multiple of 16",
+    ),
+    (["--name", "runs/a"], "not a plain file name"),
+    (["--loss_scale", "128"], "add --fp16"),
+    (["--val_split", "0.00005"], "leaves a split empty"),
     (["--config", "transformer.layers=2"], "unknown key"),
     (["--config", "hidden_size=wide"], "expected a value of type int"),
+    (["--config", "transformer.num_heads=3"], "num_heads 3"),
     (["--pretrained_dir", "nowhere/mine.npz"], "not the name of an official checkpoint"),
     (["--pretrained_dir", "nowhere/ViT-B_16.npz"], "storage.googleapis.com/vit_models/imagenet21k"),
+    (["--pretrained_dir", "nowhere/ViT-B_16.npz"], "save it as nowhere/ViT-B_16.npz"),
+    (["--pretrained_dir", "nowhere/ViT-B_16.npz"], "or set VIT_CHECKPOINT_MIRROR"),
+    ([], "the default --pretrained_dir of --model_type testing, checkpoint/testing.npz,"),
     (["--resume", "nowhere/x_last.pt"], "no such file"),
     (["--fp16", "--precision", "bf16"], "contradicts"),
+    (["--device", "gpu"], "--device gpu: not a device name"),
 ]
 
 
-@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def run_train(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """train.py in this process, as its command line runs it: (exit code, stderr)."""
+    with pytest.raises(SystemExit) as stopped:
+        run_main(lambda: train.main(argv), "train.py")
+    return stopped.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message", BAD_INPUTS, ids=[" ".join(a) or "defaults" for a, _ in BAD_INPUTS]
+)
 def test_bad_input_is_one_line_and_exit_2(
-    tmp_path: Path, subset: Path, args: list[str], message: str
+    tmp_path: Path,
+    subset: Path,
+    args: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    result = run_cli(tmp_path, "--name", "bad", *SMALL, "--data_dir", str(subset), *args)
+    monkeypatch.chdir(tmp_path)
+    proxy = f"http://127.0.0.1:{closed_port()}"  # a download attempt goes nowhere else
+    for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(variable, proxy)
+    monkeypatch.delenv("VIT_CHECKPOINT_MIRROR", raising=False)
+    base = ["--name", "bad", *SMALL, "--data_dir", str(subset), "--output_dir", "out"]
+    code, err = run_train([*base, "--logdir", "logs", *args], capsys)
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert not list(Path("out").glob("*.pt")), "nothing is trained"
+
+
+def test_a_bad_input_in_a_real_process_is_one_line(tmp_path: Path, subset: Path) -> None:
+    result = run_cli(
+        tmp_path, "--name", "bad", *SMALL, "--data_dir", str(subset), "--img_size", "0"
+    )
     assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if "error" in line]
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "train.py: error: --img_size must be positive, got 0"
+    ]
 
 
 def test_data_and_checkpoint_problems_are_one_line(tmp_path: Path, subset: Path) -> None:
@@ -370,3 +421,154 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_state(
     state = torch.load(tmp_path / "out" / "nan_last.pt", weights_only=True)
     assert 1 <= state["step"] < 40
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_the_default_pretrained_dir_is_read_and_named(
+    tmp_path: Path, subset: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No --pretrained_dir: checkpoint/<the type's default file> is loaded (a bad one is an
+    error, not ignored), and the log, the summary and the saved state say where it came from."""
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "--name", "ft", *SMALL, "--data_dir", str(subset), "--train_batch_size", "8",
+        "--num_steps", "2", "--eval_every", "2", "--eval_batch_size", "512",
+        "--learning_rate", "1e-12", "--output_dir", "out", "--logdir", "logs",
+    ]  # fmt: skip
+    default = Path("checkpoint") / "testing.npz"
+    default.parent.mkdir()
+    default.write_bytes(b"not an npz")
+    code, err = run_train(args, capsys)
+    assert code == 2 and "checkpoint/testing.npz" in err, err
+
+    config = apply_overrides(CONFIGS["testing"], SMALL_CONFIG)
+    torch.manual_seed(5)
+    VisionTransformer(config, img_size=32, num_classes=21843).export_npz(str(default))
+    assert train.main(args) == 0
+    out = capsys.readouterr()
+    start = "fine-tuning from checkpoint/testing.npz (a .npz in Google's layout)"
+    assert start in out.err.splitlines()[0] and out.out.strip().endswith(start), out
+    served = VisionTransformer(config, img_size=32, zero_head=True, num_classes=10)
+    served.load_from(np.load(default))
+    saved = torch.load(Path("out") / "ft_checkpoint.bin", weights_only=True)
+    for key, value in served.state_dict().items():
+        torch.testing.assert_close(saved[key], value, atol=1e-9, rtol=0, msg=key)
+    assert torch.load(Path("out") / "ft_last.pt", weights_only=True)["start"] == start
+
+    assert train.main([*args, "--name", "scratch", "--pretrained_dir", "NONE"]) == 0
+    random = "training from random weights (--pretrained_dir none)"
+    out = capsys.readouterr()
+    assert random in out.err.splitlines()[0] and out.out.strip().endswith(random)
+    scratch = torch.load(Path("out") / "scratch_checkpoint.bin", weights_only=True)
+    key = "transformer.encoder.layer.0.attn.query.weight"
+    assert not torch.allclose(scratch[key], saved[key])
+
+
+def test_mirrors_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.pretrained import official_url
+    from utils.data import archive_source
+
+    monkeypatch.delenv("VIT_CHECKPOINT_MIRROR", raising=False)
+    monkeypatch.delenv("VIT_CIFAR_MIRROR", raising=False)
+    monkeypatch.delenv("VIT_CIFAR_MD5", raising=False)
+    spec = data_module.CIFAR["cifar10"]
+    assert archive_source(spec) == (spec.url, spec.md5)
+    assert official_url("ViT-L_16.npz") == (
+        "https://storage.googleapis.com/vit_models/imagenet21k/ViT-L_16.npz"
+    )
+    monkeypatch.setenv("VIT_CHECKPOINT_MIRROR", "http://mirror.internal/vit_models/")
+    monkeypatch.setenv("VIT_CIFAR_MIRROR", "http://mirror.internal/cifar")
+    assert (
+        official_url("ViT-L_16.npz") == "http://mirror.internal/vit_models/imagenet21k/ViT-L_16.npz"
+    )
+    assert archive_source(spec) == ("http://mirror.internal/cifar/cifar-10-python.tar.gz", spec.md5)
+    monkeypatch.setenv("VIT_CIFAR_MD5", "0" * 32)
+    assert archive_source(spec)[1] == "0" * 32
+
+
+def test_a_step_that_cannot_fit_stops_before_it_with_the_fix(
+    tmp_path: Path, subset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's main command on a machine with 24 GiB free: exit 2 before any step or
+    download, advising the fewest micro-batches that fit; the advised command does fit."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "available_bytes", lambda device: 24 * 2**30)
+    argv = ["--name", "cifar10-100_500", "--model_type", "ViT-B_16", "--data_dir", str(subset)]
+    with pytest.raises(train.UsageError) as error:
+        train.main(argv)
+    message = str(error.value)
+    assert "a step of 512 images of 224 px (ViT-B_16, fp32) needs about" in message
+    assert "--precision bf16" in message and "a smaller --img_size" in message
+    n = int(re.search(r"--gradient_accumulation_steps (\d+) \(micro-batches of", message)[1])
+    assert not Path("checkpoint").exists() and not list(Path("output").glob("*.pt"))
+
+    args = train.build_parser().parse_args([*argv, "--gradient_accumulation_steps", str(n)])
+    model = train.build_model(args, 10)
+    precision = train.Precision("fp32", torch.device("cpu"), 0)
+    ctx = train.dist.Context(0, 1, 0, torch.device("cpu"))
+    train.check_memory(model, args, ctx, precision)  # the advice fits
+    fewer = max(d for d in range(1, n) if 512 % d == 0)
+    args.gradient_accumulation_steps = fewer
+    with pytest.raises(train.UsageError):  # and no fewer micro-batches would
+        train.check_memory(model, args, ctx, precision)
+
+
+def test_out_of_memory_in_a_step_is_one_line_with_the_fix(
+    tmp_path: Path, subset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "train_step", out_of_memory)
+    with pytest.raises(train.UsageError, match=r"out of memory in step 1: a step of 16 images"):
+        train.main(
+            ["--name", "oom", *SMALL, "--pretrained_dir", "none", "--data_dir", str(subset),
+             "--train_batch_size", "16", "--num_steps", "4", "--output_dir", str(tmp_path),
+             "--logdir", str(tmp_path / "logs")]
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "script", ["train", "evaluate", "predict", "visualize_attention", "export"]
+)
+def test_cuda_asked_for_without_cuda_is_one_line(
+    script: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    module = importlib.import_module(script)
+    argv = {
+        "train": ["--name", "x", *SMALL],
+        "evaluate": ["--checkpoint", "x.bin"],
+        "predict": ["--checkpoint", "x.bin", "a.png"],
+        "visualize_attention": ["--checkpoint", "x.bin", "a.png", "--output", "a_att.png"],
+        "export": ["--checkpoint", "x.bin", "--output", "x.npz"],
+    }[script]
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save("a.png")
+    with pytest.raises(train.UsageError, match=r"^--device cuda: CUDA is not available here; "
+                       r"use --device cpu$"):  # fmt: skip
+        module.main([*argv, "--device", "cuda"])
+
+
+def test_files_get_the_mode_of_the_users_umask(tmp_path: Path, subset: Path, server) -> None:
+    """Checkpoints, their metadata, exports and downloads: readable by a team with umask 002."""
+    import export
+    from utils.download import download_file
+
+    base, files = server
+    files["/w.npz"] = b"weights"
+    previous = os.umask(0o002)
+    try:
+        assert train.main(
+            ["--name", "m", *SMALL, "--pretrained_dir", "none", "--data_dir", str(subset),
+             "--train_batch_size", "16", "--num_steps", "1", "--output_dir", str(tmp_path),
+             "--logdir", str(tmp_path / "logs")]
+        ) == 0  # fmt: skip
+        export.main(["--checkpoint", str(tmp_path / "m_checkpoint.bin"), "--output",
+                     str(tmp_path / "m.npz"), "--device", "cpu"])  # fmt: skip
+        download_file(f"{base}/w.npz", tmp_path / "w.npz")
+    finally:
+        os.umask(previous)
+    for name in ("m_checkpoint.bin", "m_checkpoint.json", "m_last.pt", "m.npz", "w.npz"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o664, name

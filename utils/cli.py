@@ -11,13 +11,10 @@ from models.npz_io import CheckpointError
 from utils.data import DataError
 from utils.datasets import DATASETS
 from utils.download import DownloadError
+from utils.errors import UsageError
 
 # Mistakes a user can fix from the command line: reported as one line, exit code 2.
 USER_ERRORS = (ConfigOverrideError, CheckpointError, DataError, DownloadError)
-
-
-class UsageError(Exception):
-    """A bad flag value or an unusable file: the message names the problem and the fix."""
 
 
 class Parser(argparse.ArgumentParser):

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
-from torchvision.transforms import InterpolationMode
 
+from utils.checkpoint import share_as_usual
 from utils.download import DownloadError, download_file
 
 
@@ -84,6 +84,19 @@ CIFAR: dict[str, CifarSpec] = {
         num_classes=100,
     ),
 }
+
+# An internal mirror of the archives (same file names), for clusters without internet access, and
+# the MD5 of the archive it serves when that is not the official file (tests serve their own).
+MIRROR_VARIABLE = "VIT_CIFAR_MIRROR"
+MD5_VARIABLE = "VIT_CIFAR_MD5"
+
+
+def archive_source(spec: CifarSpec) -> tuple[str, str]:
+    """(URL, MD5) of a CIFAR archive: the official ones unless the environment names a mirror."""
+    mirror = os.environ.get(MIRROR_VARIABLE, "").rstrip("/")
+    url = f"{mirror}/{spec.url.rsplit('/', 1)[-1]}" if mirror else spec.url
+    return url, os.environ.get(MD5_VARIABLE) or spec.md5
+
 
 IMAGE_SHAPE = (3, 32, 32)  # CHW, as stored in each row of the pickles
 MEAN, STD = 0.5, 0.5  # per channel, on [0, 1] pixels, as the reference ViT-pytorch
@@ -264,16 +277,17 @@ def ensure_cifar(
     if not _missing_files(folder, spec):
         return folder
 
-    url = url or spec.url
+    source_url, source_md5 = archive_source(spec)
+    url, md5 = url or source_url, md5 or source_md5
     archive = root / url.rstrip("/").rsplit("/", 1)[-1]
     expected = ", ".join(spec.files)
     by_hand = f"download and extract it into {root}/ by hand or pass --data_dir"
     try:
-        download_file(url, archive, md5=md5 or spec.md5, desc=spec.title, timeout=timeout)
+        download_file(url, archive, md5=md5, desc=spec.title, timeout=timeout)
     except DownloadError as err:
         raise DataError(
             f"{spec.title} not found in {folder} (expected {expected}) and the download from "
-            f"{url} failed ({err.reason}); {by_hand}"
+            f"{url} failed ({err.reason}); {by_hand}, or set {MIRROR_VARIABLE} to a mirror"
         ) from err
 
     tmp_dir = Path(tempfile.mkdtemp(dir=root, prefix=f".{spec.folder}.", suffix=".extract"))
@@ -291,6 +305,7 @@ def ensure_cifar(
                 f"(expected {expected}); {by_hand}"
             )
         if not folder.exists():
+            share_as_usual(extracted, directory=True)  # from tar, not mkdtemp's 0700
             os.replace(extracted, folder)
         else:  # an incomplete folder from an earlier attempt: add what it lacks, overwrite nothing
             for f in _missing_files(folder, spec):
@@ -351,6 +366,17 @@ def sample_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """A float (3, H, W) image resized to (3, size, size): bilinear with antialiasing, what
+    torchvision's ``resize`` computes for float tensors (without importing torchvision, which
+    costs every script a second and a half at start)."""
+    if image.shape[-2:] == (size, size):
+        return image
+    return F.interpolate(
+        image[None], (size, size), mode="bilinear", align_corners=False, antialias=True
+    )[0]
+
+
 def normalize(image: torch.Tensor) -> torch.Tensor:
     """Map float pixels in [0, 255] to [-1, 1] (mean 0.5, std 0.5 on [0, 1]), clamping rounding."""
     return image.div(255 * STD).sub_(MEAN / STD).clamp_(-1.0, 1.0)
@@ -404,18 +430,15 @@ class CifarDataset(Dataset):
         else:
             index, epoch = operator.index(key), 0
         image = self.load(index).float()  # (3, H, W), values 0..255
-        size = [self.img_size, self.img_size]
         if self.train:
             generator = torch.Generator().manual_seed(mix_seed("crop", self.seed, epoch, index))
             top, left, h, w = sample_crop_box(*image.shape[-2:], self.SCALE, self.RATIO, generator)
-            image = TF.resized_crop(
-                image, top, left, h, w, size, InterpolationMode.BILINEAR, antialias=True
-            )
+            image = resize(image[:, top : top + h, left : left + w], self.img_size)
             # Drawn after the box, so that the crops are the same with and without --hflip.
             if self.hflip and torch.rand(1, generator=generator).item() < 0.5:
                 image = image.flip(-1)
         else:
-            image = TF.resize(image, size, InterpolationMode.BILINEAR, antialias=True)
+            image = resize(image, self.img_size)
         return normalize(image), self.labels[index]
 
 

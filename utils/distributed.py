@@ -15,6 +15,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from utils.device import resolve_device
+
 T = TypeVar("T")
 
 
@@ -38,13 +40,7 @@ def setup(local_rank_arg: int, device: str | None) -> Context:
     """Join the process group when launched by torchrun or the legacy launcher; pick the device."""
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "cuda":
-        index = max(local_rank, 0)
-        torch.cuda.set_device(index)
-        dev = torch.device("cuda", index)
-    else:
-        dev = torch.device(kind)
+    dev = resolve_device(device, local_rank)
     if world_size > 1 or local_rank >= 0:
         if not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from utils.checkpoint import share_as_usual
+
 CHUNK_SIZE = 1 << 20  # 1 MiB
 
 
@@ -107,7 +109,7 @@ def download_file(
             raise DownloadError(
                 url, dest, f"MD5 mismatch: expected {md5.lower()}, got {digest.hexdigest()}"
             )
-        os.chmod(tmp_path, 0o644)  # NamedTemporaryFile creates 0600; give the usual file mode
+        share_as_usual(tmp_path)
         os.replace(tmp_path, dest)
         tmp_path = None
         return dest

@@ -26,18 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 
 from models.checkpoint import load_resized, read_checkpoint
 from models.configs import CONFIGS, ConfigOverrideError, apply_overrides
-from models.modeling import VisionTransformer
+from models.modeling import VisionTransformer, uncovered_pixels
 from models.npz_io import CheckpointError, describe_keys
 from utils.class_names import CLASS_NAMES
 from utils.cli import UsageError
-from utils.data import normalize
+from utils.data import normalize, resize
+from utils.device import resolve_device
 
 _HEAD = "head.weight"
 _EMBED = "transformer.embeddings."
@@ -301,6 +301,8 @@ def load_checkpoint_model(
         known = ", ".join(CONFIGS)
         raise UsageError(f"unknown --model_type {model_type!r}; choose one of: {known}")
     config = apply_overrides(CONFIGS[model_type], flags.config)
+    if problem := uncovered_pixels(config, img_size):
+        raise UsageError(problem)
     try:
         model = VisionTransformer(config, img_size, num_classes=num_classes, vis=vis)
     except ValueError as error:
@@ -355,27 +357,12 @@ def preprocess(image: Image.Image, img_size: int) -> torch.Tensor:
     Any size or aspect is resized (not cropped) to the square input, bilinear with antialiasing,
     in float32 on 0..255 values, then normalised with the training mean and std.
     """
-    pixels = TF.pil_to_tensor(image.convert("RGB")).float()  # (3, H, W), 0..255
-    size = [img_size, img_size]
-    return normalize(TF.resize(pixels, size, InterpolationMode.BILINEAR, antialias=True))
+    pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+    return normalize(resize(pixels.float(), img_size))  # (3, H, W), 0..255 before normalising
 
 
 # ---------------------------------------------------------------------------------------------
 # Scoring
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``--device``: CUDA when available unless named; TF32 matmuls on CUDA, as training uses."""
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise UsageError(f"--device {name}: not a device name (cpu, cuda, cuda:1...)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available; use --device cpu")
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device
 
 
 @torch.no_grad()

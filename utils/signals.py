@@ -1,8 +1,20 @@
-"""Preemption and Ctrl-C: finish the step, save, and exit resumable."""
+"""Preemption and Ctrl-C: finish the step, save, and exit resumable.
+
+Schedulers (SLURM, Kubernetes, ``timeout``) send SIGTERM to every process of a job and a terminal
+sends Ctrl-C's SIGINT to the whole foreground group, so DataLoader workers receive them too.
+PyTorch's workers die of a SIGTERM that their parent did not send, and the parent then fails with
+"DataLoader worker exited unexpectedly". Workers therefore ignore both signals (they still exit
+when the main process shuts them down or dies), and they are started with both signals blocked
+so that none can arrive before they ignore it.
+"""
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
@@ -10,9 +22,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -22,3 +32,21 @@ class StopRequest:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.signum = signum
+
+
+@contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back from this thread (and the processes it forks) meanwhile;
+    one that arrives is delivered when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: leave SIGTERM and SIGINT to the main process."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # pending copies are now discarded

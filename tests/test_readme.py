@@ -1,0 +1,216 @@
+"""The README's command blocks, run as written, in order, in one folder laid out like a checkout.
+
+Every ```bash and ```python block of the README carries a marker on the line above it:
+``<!-- readme-test: run ... -->`` or ``<!-- readme-test: skip, <why> -->``. Run blocks execute in
+a fresh folder with the scripts linked in, ``../shared/cifar10-subset`` beside it, and every
+download served from 127.0.0.1 through the documented mirror variables: a ViT-B_16 ``.npz`` in
+Google's layout (ImageNet-21k head and pre-logits included) and a CIFAR-10 archive, both made
+here. Only size flags are appended to ``train.py`` commands (steps, batch, image size when the
+command gives none, device) and a vanishing learning rate, so that the headline command's saved
+model must equal the served checkpoint. Later blocks use what earlier ones wrote, as a reader
+following the README would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.configs import CONFIGS, apply_overrides
+from models.modeling import VisionTransformer
+from tests.helpers import Handler, make_archive, write_cifar10, write_cifar100
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+LINKED = ("train.py", "evaluate.py", "predict.py", "visualize_attention.py", "export.py",
+          "models", "utils", "bench", "requirements.txt", "requirements-dev.txt")  # fmt: skip
+
+# What stands in for `python`, `pip` and their arguments while a bash block runs.
+PRELUDE = r"""
+set -euo pipefail
+python() {
+    if [[ "${1:-}" == train.py ]]; then
+        local size=(--num_steps 2 --warmup_steps 1 --eval_every 2 --train_batch_size 4
+                    --eval_batch_size 256 --learning_rate 1e-9 --device cpu)
+        [[ " $* " == *" --img_size "* ]] || size+=(--img_size 16)
+        [[ " $* " == *" --resume "* ]] && size+=(--num_steps 4)  # two steps beyond the first run
+        command python "$@" "${size[@]}"
+    elif [[ "${1:-} ${2:-}" == "-m pytest" ]]; then
+        echo "readme-test: the suite is what runs this; not again inside itself"
+    else
+        command python "$@"
+    fi
+}
+pip() { echo "readme-test: pip $* left to CI, which installs into a fresh venv"; }
+"""
+
+
+@dataclass(frozen=True)
+class Block:
+    line: int
+    language: str
+    marker: str
+    code: str
+
+    @property
+    def runs(self) -> bool:
+        return self.marker.startswith("run")
+
+
+def readme_blocks() -> list[Block]:
+    lines = README.read_text().splitlines()
+    blocks = []
+    for i, line in enumerate(lines):
+        fence = re.fullmatch(r"```(bash|python)", line)
+        if not fence:
+            continue
+        end = lines.index("```", i + 1)
+        marker = re.fullmatch(r"<!-- readme-test: (.*) -->", lines[i - 1]) if i else None
+        blocks.append(
+            Block(i + 1, fence[1], marker[1] if marker else "", "\n".join(lines[i + 1 : end]))
+        )
+    return blocks
+
+
+BLOCKS = readme_blocks()
+
+
+def test_every_command_block_says_whether_it_runs() -> None:
+    for block in BLOCKS:
+        assert re.match(r"run\b|skip, \S", block.marker), (
+            f"README.md line {block.line}: put <!-- readme-test: run --> or "
+            "<!-- readme-test: skip, <why> --> on the line above the block"
+        )
+    assert sum(b.runs for b in BLOCKS) >= 8
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """A local server with the ViT-B_16 checkpoint and the CIFAR-10 archive a fresh machine
+    downloads, and the environment that points the scripts at it."""
+    made = tmp_path_factory.mktemp("served")
+    config = apply_overrides(CONFIGS["ViT-B_16"], ["representation_size=768"])
+    torch.manual_seed(7)
+    google = VisionTransformer(config, 224, num_classes=21843)
+    google.export_npz(str(made / "ViT-B_16.npz"))
+    del google
+    cifar_md5 = make_archive(
+        write_cifar10(made / "c10", per_batch=100), made / "cifar-10-python.tar.gz"
+    )
+    files = {
+        "/vit/imagenet21k/ViT-B_16.npz": (made / "ViT-B_16.npz").read_bytes(),
+        "/kriz/cifar-10-python.tar.gz": (made / "cifar-10-python.tar.gz").read_bytes(),
+    }
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.files = files
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "HOME": str(made),
+        "no_proxy": "*",
+        "NO_PROXY": "*",
+        "VIT_CHECKPOINT_MIRROR": f"{base}/vit",
+        "VIT_CIFAR_MIRROR": f"{base}/kriz",
+        "VIT_CIFAR_MD5": cifar_md5,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+    }
+    try:
+        yield made, env
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory: pytest.TempPathFactory, subset: Path, served) -> Path:
+    """A folder laid out like a fresh checkout, with ../shared/cifar10-subset beside it."""
+    root = tmp_path_factory.mktemp("readme")
+    work = root / "vit"
+    work.mkdir()
+    for name in LINKED:
+        (work / name).symlink_to(REPO / name)
+    (root / "shared").mkdir()
+    (root / "shared" / "cifar10-subset").symlink_to(subset)
+    made, _ = served
+    # What "Running offline" expects the user to have fetched by hand.
+    make_archive(made / "c10" / "cifar-10-batches-py", work / "cifar-10-python.tar.gz")
+    make_archive(write_cifar100(made / "c100"), work / "cifar-100-python.tar.gz")
+    # PATH in "Your own images": two classes of odd-sized images, with a val/ folder.
+    flowers = root / "flowers"
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 20), ("val", 4)):
+        for name in ("daisy", "tulip"):
+            (flowers / split / name).mkdir(parents=True)
+            for k in range(count):
+                pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(flowers / split / name / f"{k}.png")
+    return work
+
+
+def run_block(block: Block, work: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    code = block.code.replace("--data_dir PATH", f"--data_dir {work.parent / 'flowers'}")
+    command = (
+        ["bash", "-c", PRELUDE + code] if block.language == "bash" else [sys.executable, "-c", code]
+    )
+    return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize(
+    "block", [b for b in BLOCKS if b.runs], ids=[f"line{b.line}" for b in BLOCKS if b.runs]
+)
+def test_readme_block_runs_as_written(block: Block, checkout: Path, served) -> None:
+    made, env = served
+    result = run_block(block, checkout, env)
+    assert result.returncode == 0, (
+        f"README.md line {block.line} failed:\n{block.code}\n--- stderr\n{result.stderr[-4000:]}"
+    )
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    if "--name cifar10-100_500 --model_type ViT-B_16" in block.code:
+        check_the_headline_run(checkout, made, result)
+
+
+def check_the_headline_run(work: Path, made: Path, result: subprocess.CompletedProcess) -> None:
+    """Without --pretrained_dir the main command fetched checkpoint/ViT-B_16.npz, said so, and
+    fine-tuned from it: with a vanishing learning rate the saved weights are the served ones."""
+    start = "fine-tuning from checkpoint/ViT-B_16.npz (ImageNet-21k, paper release)"
+    assert (work / "checkpoint" / "ViT-B_16.npz").read_bytes() == (
+        made / "ViT-B_16.npz"
+    ).read_bytes()
+    log = result.stderr.splitlines()
+    assert start in "\n".join(log[:3]), result.stderr[:2000]
+    summary = [line for line in result.stdout.splitlines() if line.startswith("summary:")]
+    assert len(summary) == 1 and summary[0].endswith(start), result.stdout
+
+    expected = VisionTransformer(CONFIGS["ViT-B_16"], 16, zero_head=True, num_classes=10)
+    expected.load_from(np.load(made / "ViT-B_16.npz"))
+    saved = torch.load(work / "output" / "cifar10-100_500_checkpoint.bin", weights_only=True)
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(saved[key], value, atol=1e-6, rtol=0, msg=key)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    texts = []
+    for events in (work / "logs" / "cifar10-100_500").rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["tensors"]:
+            if tag.startswith("args"):
+                texts += [t.tensor_proto.string_val[0].decode() for t in acc.Tensors(tag)]
+    assert len(texts) == 1 and start in texts[0], texts

@@ -1,0 +1,115 @@
+"""Will a training step fit? Estimated before the first step, so that a machine too small for
+the job says so in one line (with the flags that make it fit) instead of being killed later.
+
+The estimate: 8 bytes per parameter (gradient and momentum; the weights are already in place), the
+activations that autograd saves for the backward pass, counted with saved-tensor hooks on a
+forward pass of one and of two images (their difference is the per-image part), 10 % on top of
+those for the backward pass's temporaries, and a margin for everything else.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+GIB = 2**30
+MARGIN = GIB  # allocator slack, data-loader workers, the CUDA context's growth
+
+
+def activation_bytes(
+    model: nn.Module,
+    img_size: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+) -> tuple[int, int]:
+    """(bytes per image, bytes per step) that autograd keeps for backward in one forward pass.
+
+    Each storage is counted once and parameters not at all; what does not grow with the batch
+    (autocast's low-precision weight copies, for instance) is per step. The global RNG is left
+    as it was, so that dropout masks stay those of a run without the estimate.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved(batch: int) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            s = t.untyped_storage()
+            if s.data_ptr() not in params:
+                storages[s.data_ptr()] = s.nbytes()
+            return t
+
+        x = torch.randn(batch, 3, img_size, img_size, device=device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+            logits = model(x)
+            (logits[0] if isinstance(logits, tuple) else logits).float().sum()
+        return sum(storages.values())
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        one, two = saved(1), saved(2)
+    return two - one, max(0, 2 * one - two)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory of the GPU, or the memory this process may still take on the CPU: the
+    kernel's MemAvailable, or less where a cgroup (a container, a SLURM job) caps it."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    available = _meminfo_available()
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            used = int((cgroup / "memory.current").read_text())
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(0, available)
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """What one optimizer step needs, as a function of the micro-batch."""
+
+    per_image: int
+    per_step: int
+    parameters: int
+
+    def needed(self, micro_batch: int) -> int:
+        fixed = 8 * self.parameters + self.per_step + MARGIN
+        return fixed + math.ceil(1.1 * self.per_image * micro_batch)
+
+    def fewest_micro_batches(self, batch: int, available: int) -> int | None:
+        """The smallest divisor n of ``batch`` whose micro-batches of batch / n fit, if any."""
+        for n in range(1, batch + 1):
+            if batch % n == 0 and self.needed(batch // n) <= available:
+                return n
+        return None
+
+
+def measure_step(
+    model: nn.Module,
+    img_size: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+) -> StepMemory:
+    per_image, per_step = activation_bytes(model, img_size, device, autocast)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return StepMemory(per_image, per_step, trainable)
