@@ -442,7 +442,7 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         lr=args.learning_rate,
         momentum=0.9,
         weight_decay=args.weight_decay,
-        fused=True if ctx.device.type == "cuda" else None,
+        fused=True,  # one kernel for all parameters, on the CPU too
     )
     scheduler = build_scheduler(optimizer, args.decay_type, args.warmup_steps, args.num_steps)
     scaler = precision.scaler()

@@ -46,6 +46,7 @@ from utils.cli import Parser, UsageError, run_main  # noqa: E402
 from utils.data import GlobalBatchSampler  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.device_data import DeviceBatches  # noqa: E402
+from utils.memory import activation_bytes  # noqa: E402
 
 NO_DROPOUT = ["transformer.dropout_rate=0", "transformer.attention_dropout_rate=0"]
 TIMM_NAMES = {
@@ -211,7 +212,7 @@ class TrainStep:
     ) -> None:
         self.peer, self.setup, self.next_batch = peer, setup, next_batch
         self.batch_bytes = batch_bytes  # of input data kept on the device between steps
-        # fused on every device: train.py's SGD on CUDA, and what it should use on CPU too
+        # fused on every device, as train.py uses it
         self.optimizer = torch.optim.SGD(peer.model.parameters(), lr=1e-3, momentum=0.9, fused=True)
         self.scaler = torch.amp.GradScaler(setup.device.type, enabled=setup.dtype == torch.float16)
 
@@ -447,33 +448,6 @@ def largest_batch(model: nn.Module, setup: Setup, img_size: int, step: int = 8) 
     return low
 
 
-def activation_bytes(model: nn.Module, setup: Setup, img_size: int) -> tuple[int, int]:
-    """(bytes per image, bytes per step) that autograd keeps for backward in one forward pass.
-
-    Counted with saved-tensor hooks on batches of 1 and 2 (each storage once, parameters left
-    out); the difference is the per-image part, the rest (autocast's low-precision weight
-    copies, for instance) is per step.
-    """
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def saved(batch: int) -> int:
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            s = t.untyped_storage()
-            if s.data_ptr() not in params:
-                storages[s.data_ptr()] = s.nbytes()
-            return t
-
-        x = torch.randn(batch, 3, img_size, img_size, device=setup.device)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), setup.autocast():
-            first_output(model, x).float().sum()
-        return sum(storages.values())
-
-    one, two = saved(1), saved(2)
-    return two - one, 2 * one - two
-
-
 def memory_table(args: argparse.Namespace, setup: Setup) -> dict:
     """Largest batch per GPU size; measured on CUDA, computed from a formula elsewhere."""
     measured = setup.device.type == "cuda"
@@ -501,7 +475,8 @@ def memory_table(args: argparse.Namespace, setup: Setup) -> dict:
                     with memory_cap(setup.device, c * GIB):
                         row.append(largest_batch(model, setup, img_size))
             else:
-                per_image, per_step = activation_bytes(model, setup, img_size)
+                counted = activation_bytes(model, img_size, setup.device, setup.autocast)
+                per_image, per_step = counted
                 static = 12 * sum(p.numel() for p in model.parameters())  # weight, grad, momentum
                 row = [
                     max(0, math.floor((c * GIB - GIB - static - per_step) / (1.1 * per_image)))

@@ -31,45 +31,32 @@ def write_pickle(path: Path, obj: object) -> None:
     path.write_bytes(pickle.dumps(obj, protocol=2))
 
 
-def write_cifar10(root: Path, per_batch: int = 4, seed: int = 0) -> Path:
-    """Write a tiny CIFAR-10 in the official layout under ``root``; return the folder."""
-    rng = np.random.default_rng(seed)
-    folder = root / SPEC.folder
-    folder.mkdir(parents=True)
-    for name in (*SPEC.train_files, *SPEC.test_files):
-        write_pickle(
-            folder / name,
-            {
-                b"batch_label": name.encode(),
-                b"labels": rng.integers(0, 10, per_batch).tolist(),
-                b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-            },
-        )
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer"]
-    names += [b"dog", b"frog", b"horse", b"ship", b"truck"]
-    write_pickle(folder / SPEC.meta_file, {b"label_names": names, b"num_vis": 3072})
-    return folder
-
-
-def write_cifar100(root: Path, per_file: int = 8, seed: int = 0) -> Path:
-    """Write a tiny CIFAR-100 in the official layout under ``root``; return the folder."""
-    spec = CIFAR["cifar100"]
+def write_cifar(name: str, root: Path, per_file: int = 4, seed: int = 0) -> Path:
+    """Write a tiny CIFAR-10 or CIFAR-100 in the official layout under ``root``; return the
+    folder. CIFAR-10's class names are the real ones, CIFAR-100's ``class0`` ... ``class99``."""
+    spec = CIFAR[name]
     rng = np.random.default_rng(seed)
     folder = root / spec.folder
     folder.mkdir(parents=True)
-    for name in (*spec.train_files, *spec.test_files):
+    for file in (*spec.train_files, *spec.test_files):
         write_pickle(
-            folder / name,
+            folder / file,
             {
-                b"filenames": [f"{i}.png".encode() for i in range(per_file)],
-                b"fine_labels": rng.integers(0, 100, per_file).tolist(),
-                b"coarse_labels": rng.integers(0, 20, per_file).tolist(),
+                b"batch_label": file.encode(),
+                spec.label_key: rng.integers(0, spec.num_classes, per_file).tolist(),
                 b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
             },
         )
-    names = [f"class{i}".encode() for i in range(100)]
-    write_pickle(folder / spec.meta_file, {b"fine_label_names": names})
+    names = [f"class{i}".encode() for i in range(spec.num_classes)]
+    if name == "cifar10":
+        names = [b"airplane", b"automobile", b"bird", b"cat", b"deer"]
+        names += [b"dog", b"frog", b"horse", b"ship", b"truck"]
+    write_pickle(folder / spec.meta_file, {spec.names_key: names, b"num_vis": 3072})
     return folder
+
+
+def write_cifar10(root: Path, per_batch: int = 4, seed: int = 0) -> Path:
+    return write_cifar("cifar10", root, per_batch, seed)
 
 
 def make_archive(folder: Path, dest: Path, extra: dict[str, bytes] | None = None) -> str:

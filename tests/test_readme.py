@@ -29,7 +29,7 @@ from PIL import Image
 
 from models.configs import CONFIGS, apply_overrides
 from models.modeling import VisionTransformer
-from tests.helpers import Handler, make_archive, write_cifar10, write_cifar100
+from tests.helpers import Handler, make_archive, write_cifar, write_cifar10
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +151,7 @@ def checkout(tmp_path_factory: pytest.TempPathFactory, subset: Path, served) -> 
     made, _ = served
     # What "Running offline" expects the user to have fetched by hand.
     make_archive(made / "c10" / "cifar-10-batches-py", work / "cifar-10-python.tar.gz")
-    make_archive(write_cifar100(made / "c100"), work / "cifar-100-python.tar.gz")
+    make_archive(write_cifar("cifar100", made / "c100"), work / "cifar-100-python.tar.gz")
     # PATH in "Your own images": two classes of odd-sized images, with a val/ folder.
     flowers = root / "flowers"
     rng = np.random.default_rng(0)

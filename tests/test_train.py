@@ -298,7 +298,10 @@ def test_a_bad_input_in_a_real_process_is_one_line(tmp_path: Path, subset: Path)
     ]
 
 
-def test_data_and_checkpoint_problems_are_one_line(tmp_path: Path, subset: Path) -> None:
+def test_data_and_checkpoint_problems_are_one_line(
+    tmp_path: Path, subset: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     corrupt = tmp_path / "corrupt"
     (corrupt / "cifar-10-batches-py").mkdir(parents=True)
     for f in (subset / "cifar-10-batches-py").iterdir():
@@ -314,12 +317,15 @@ def test_data_and_checkpoint_problems_are_one_line(tmp_path: Path, subset: Path)
         (["--pretrained_dir", str(tmp_path / "other.npz")], "does not fit the model"),
         (["--output_dir", str(blocker / "out")], "cannot be written"),
     ]
+    proxy = f"http://127.0.0.1:{closed_port()}"  # the CIFAR download goes nowhere else
+    for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(variable, proxy)
+    monkeypatch.delenv("VIT_CIFAR_MIRROR", raising=False)
     for args, message in cases:
-        base = ["--data_dir", str(subset), "--pretrained_dir", "none"]
-        result = run_cli(tmp_path, "--name", "bad", *SMALL, *base, *args)
-        lines = [line for line in result.stderr.splitlines() if "error" in line]
-        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
-        assert "Traceback" not in result.stderr
+        base = ["--data_dir", str(subset), "--pretrained_dir", "none", "--logdir", "logs"]
+        code, err = run_train(["--name", "bad", *SMALL, *base, *args], capsys)
+        lines = [line for line in err.splitlines() if "error" in line]
+        assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert np.load(tmp_path / "other.npz")  # the input files are untouched
 
 
