@@ -17,9 +17,9 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from models.errors import UsageError
 from utils.cli import (
     Parser,
-    UsageError,
     add_checkpoint_args,
     add_data_on_device_arg,
     add_model_args,

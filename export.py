@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from models.errors import UsageError
 from models.npz_io import export_npz_weights
 from utils.checkpoint import atomic_write
-from utils.cli import Parser, UsageError, add_checkpoint_args, add_model_args, run_main
+from utils.cli import Parser, add_checkpoint_args, add_model_args, run_main
 from utils.inference import load_from_args
 
 

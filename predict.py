@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from utils.cli import Parser, UsageError, add_checkpoint_args, add_model_args, run_main
+from models.errors import UsageError
+from utils.cli import Parser, add_checkpoint_args, add_model_args, run_main
 from utils.inference import load_from_args, load_image, preprocess, top_k
 
 

@@ -22,12 +22,13 @@ from torch.utils.data import DataLoader, Subset
 
 from models.checkpoint import load_resized, read_checkpoint
 from models.configs import apply_overrides
+from models.errors import UsageError
 from models.modeling import CONFIGS, VisionTransformer, uncovered_pixels
 from models.npz_io import read_npz
 from models.pretrained import BUCKET, MIRROR_VARIABLE, default_filename, describe, official_url
 from utils import distributed as dist
 from utils.checkpoint import atomic_save, atomic_write, rng_state, set_rng_state, unwrap
-from utils.cli import Parser, UsageError, add_data_on_device_arg, add_model_args, run_main
+from utils.cli import Parser, add_data_on_device_arg, add_model_args, run_main
 from utils.data import (
     CIFAR,
     GlobalBatchSampler,
@@ -442,7 +443,9 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         lr=args.learning_rate,
         momentum=0.9,
         weight_decay=args.weight_decay,
-        fused=True,  # one kernel for all parameters, on the CPU too
+        # One kernel for all parameters, except under fp16: a fused SGD whose first step the
+        # loss scaler skips keeps uninitialised momentum buffers (torch 2.14, CPU and CUDA).
+        fused=precision.name != "fp16",
     )
     scheduler = build_scheduler(optimizer, args.decay_type, args.warmup_steps, args.num_steps)
     scaler = precision.scaler()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.cli import Parser, UsageError, add_checkpoint_args, add_model_args, run_main
+from models.errors import UsageError
+from utils.cli import Parser, add_checkpoint_args, add_model_args, run_main
 from utils.inference import load_from_args, load_image, preprocess
 from utils.rollout import overlay_heatmap, rollout_masks
 

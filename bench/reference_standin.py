@@ -10,7 +10,7 @@ and its ``state_dict`` has the reference's keys. What makes it slower than ours 
   and probabilities and keeps them for backward (no fused ``scaled_dot_product_attention``);
 * ``transpose_for_scores`` permutes and the context is made contiguous before the output Linear.
 
-Only the plain ViT is reconstructed (no ResNet hybrid, no ``load_from``). ``bench/throughput.py``
+Only the plain ViT is reconstructed (no ResNet hybrid, no ``load_from``). ``bench.throughput``
 uses it when ``--reference_path`` is not given and labels it "reference (stand-in)".
 """
 

@@ -1,9 +1,9 @@
 """Training and evaluation throughput of our ViT beside the models a user would otherwise pick.
 
-python bench/throughput.py --device cpu --batch_size 8 --steps 3 --warmup 1 --repeats 3
-python bench/throughput.py --compile --json bench.json          # on a GPU: bf16, batch 256
-python bench/throughput.py --reference_path ~/src/ViT-pytorch   # the reference's own code
-python bench/throughput.py --memory_table                       # largest batches that fit
+python -m bench.throughput --device cpu --batch_size 8 --steps 3 --warmup 1 --repeats 3
+python -m bench.throughput --compile --json bench.json          # on a GPU: bf16, batch 256
+python -m bench.throughput --reference_path ~/src/ViT-pytorch   # the reference's own code
+python -m bench.throughput --memory_table                       # largest batches that fit
 
 Peers, all with dropout 0 (timm's and torchvision's defaults; ours via transformer.dropout_rate=0)
 and a 10-class head: ours, timm's ViT, torchvision's ViT and the reference ViT-pytorch model (its
@@ -38,15 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/throughput.py`
-
-from models.configs import apply_overrides  # noqa: E402
-from models.modeling import CONFIGS, VisionTransformer  # noqa: E402
-from utils.cli import Parser, UsageError, run_main  # noqa: E402
-from utils.data import GlobalBatchSampler  # noqa: E402
-from utils.device import resolve_device  # noqa: E402
-from utils.device_data import DeviceBatches  # noqa: E402
-from utils.memory import activation_bytes  # noqa: E402
+from models.configs import apply_overrides
+from models.errors import UsageError
+from models.modeling import CONFIGS, VisionTransformer
+from utils.cli import Parser, run_main
+from utils.data import GlobalBatchSampler
+from utils.device import resolve_device
+from utils.device_data import DeviceBatches
+from utils.memory import activation_bytes
+from utils.precision import Precision
 
 NO_DROPOUT = ["transformer.dropout_rate=0", "transformer.attention_dropout_rate=0"]
 TIMM_NAMES = {
@@ -61,7 +61,6 @@ TIMM_NAMES = {
 TORCHVISION_NAMES = {
     f"ViT-{k}": f"vit_{k.lower()}" for k in ("B_16", "B_32", "L_16", "L_32", "H_14")
 }
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 GIB = 2**30
 
 
@@ -70,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument(
         "--precision",
-        choices=list(DTYPES),
+        choices=["fp32", "bf16", "fp16"],
         default=None,
         help="autocast dtype, fp32 = none (default: bf16 on CUDA, fp32 on CPU)",
     )
@@ -193,11 +192,15 @@ class Setup:
     warmup: int
 
     @property
+    def amp(self) -> Precision:
+        return Precision(self.precision, self.device, loss_scale=0)
+
+    @property
     def dtype(self) -> torch.dtype | None:
-        return DTYPES[self.precision]
+        return self.amp.dtype
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+        return self.amp.autocast()
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -540,4 +543,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main, "bench/throughput.py")
+    run_main(main, "bench.throughput")

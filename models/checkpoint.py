@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from models.errors import one_line
 from models.npz_io import CheckpointError, describe_keys, resize_pos_embed
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
-            f"checkpoint {path} is not a readable PyTorch file ({first})"
+            f"checkpoint {path} is not a readable PyTorch file ({one_line(error)})"
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         meta = {k: obj[k] for k in ("args", "config", "classes") if k in obj}

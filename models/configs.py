@@ -9,9 +9,12 @@ copy from ``KEY=VALUE`` strings and refuses keys that do not exist.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import ml_collections
+
+from models.errors import UserError
 
 # name: (hidden_size, mlp_dim, num_heads, num_layers)
 _WIDTHS = {
@@ -136,18 +139,20 @@ for _config in CONFIGS.values():
     _config.lock()
 
 
-class ConfigOverrideError(ValueError):
+class ConfigOverrideError(UserError, ValueError):
     """A ``KEY=VALUE`` override that names no field or gives a value of the wrong type."""
 
 
-def _leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            keys += _leaf_keys(value, f"{prefix}{key}.")
+def flat_fields(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A config's ``to_dict()`` as dotted keys, e.g. ``{"transformer.num_heads": 12, ...}``;
+    sequences become tuples, so that a config read back from JSON compares equal."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat |= {f"{key}.{k}": v for k, v in flat_fields(value).items()}
         else:
-            keys.append(prefix + key)
-    return keys
+            flat[key] = tuple(value) if isinstance(value, list | tuple) else value
+    return flat
 
 
 def _parse_scalar(text: str, like: object, key: str, field_type: type | None) -> object:
@@ -214,7 +219,8 @@ def apply_overrides(
             node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
             raise ConfigOverrideError(
-                f"--config {key}: unknown key; known keys: {', '.join(_leaf_keys(config))}"
+                f"--config {key}: unknown key; known keys: "
+                + ", ".join(flat_fields(config.to_dict()))
             )
         current = node[leaf]
         if isinstance(current, ml_collections.ConfigDict):

@@ -16,14 +16,12 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.ndimage
 import torch
 
-if TYPE_CHECKING:
-    from models.modeling import VisionTransformer
+from models.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +30,7 @@ _PREFIXES = ("", "opt/target/")
 _POSEMB = "Transformer/posembed_input/pos_embedding"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read, or does not fit the model it is loaded into."""
 
 
@@ -95,7 +93,7 @@ def _resnet_key(name: str) -> tuple[str, str]:
     return module.replace(".", "/") + ("/scale" if leaf == "weight" else "/bias"), "plain"
 
 
-def _layout(model: VisionTransformer) -> list[_Entry]:
+def _layout(model: torch.nn.Module) -> list[_Entry]:
     """Every parameter of ``model`` with its Google key, in state_dict order."""
     entries = []
     hybrid_prefix = "transformer.embeddings.hybrid_model."
@@ -196,7 +194,7 @@ def _summary(keys: set[str], prefix: str, get) -> str:
     return ", ".join(parts)
 
 
-def load_npz_weights(model: VisionTransformer, weights: Mapping[str, np.ndarray]) -> None:
+def load_npz_weights(model: torch.nn.Module, weights: Mapping[str, np.ndarray]) -> None:
     """Copy a Google checkpoint into ``model``; see the module docstring for the guarantees."""
     try:
         keys = set(weights.keys())
@@ -278,7 +276,7 @@ def load_npz_weights(model: VisionTransformer, weights: Mapping[str, np.ndarray]
             params[name].copy_(value)
 
 
-def export_npz_weights(model: VisionTransformer) -> dict[str, np.ndarray]:
+def export_npz_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """Our model's weights under Google's keys and layouts, ready for ``np.savez``."""
     heads = model.config.transformer.num_heads
     params = dict(model.named_parameters())

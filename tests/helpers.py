@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -13,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from utils.data import CIFAR
-from utils.download import md5_of
 
 SUBSET = Path(
     os.environ.get(
@@ -68,6 +68,10 @@ def make_archive(folder: Path, dest: Path, extra: dict[str, bytes] | None = None
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return md5_of(dest)
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
 
 
 def listing(root: Path) -> list[str]:

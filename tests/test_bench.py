@@ -1,4 +1,4 @@
-"""bench/throughput.py runs end to end on the CPU (tiny sizes) and loads a reference checkout."""
+"""`python -m bench.throughput` runs end to end on the CPU (tiny sizes) and reads a reference."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ CONFIGS = {"ViT-Ti_16": configs.get_ti16_config()}
 
 def run_bench(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "bench.json"
-    result = run_cli(tmp_path, *TINY, "--json", str(out), *args, script="bench/throughput.py")
+    result = run_cli(tmp_path, *TINY, "--json", str(out), *args, script="bench.throughput")
     assert result.returncode == 0, result.stderr
     assert "data path alone" in result.stdout and "train/timm" in result.stdout
     return json.loads(out.read_text())
@@ -69,8 +69,6 @@ def test_benchmark_imports_a_reference_checkout(tmp_path: Path) -> None:
 
 
 def test_benchmark_rejects_a_folder_that_is_not_a_checkout(tmp_path: Path) -> None:
-    result = run_cli(
-        tmp_path, *TINY, "--reference_path", str(tmp_path), script="bench/throughput.py"
-    )
+    result = run_cli(tmp_path, *TINY, "--reference_path", str(tmp_path), script="bench.throughput")
     assert result.returncode == 2 and "no models/modeling.py there" in result.stderr
     assert "Traceback" not in result.stderr

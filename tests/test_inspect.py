@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 
 from models.configs import CONFIGS, apply_overrides
+from models.errors import UsageError
 from models.modeling import VisionTransformer
 from tests.test_train import REPO, SMALL_CONFIG, run_cli
 from utils.class_names import CIFAR10_CLASSES, CIFAR100_CLASSES
-from utils.cli import UsageError, run_main
+from utils.cli import run_main
 from utils.data import CifarDataset, load_cifar
 from utils.engine import evaluate
 from utils.figures import (

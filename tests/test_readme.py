@@ -43,10 +43,10 @@ PRELUDE = r"""
 set -euo pipefail
 python() {
     if [[ "${1:-}" == train.py ]]; then
-        local size=(--num_steps 2 --warmup_steps 1 --eval_every 2 --train_batch_size 4
+        local size=(--num_steps 1 --warmup_steps 0 --eval_every 1 --train_batch_size 4
                     --eval_batch_size 256 --learning_rate 1e-9 --device cpu)
         [[ " $* " == *" --img_size "* ]] || size+=(--img_size 16)
-        [[ " $* " == *" --resume "* ]] && size+=(--num_steps 4)  # two steps beyond the first run
+        [[ " $* " == *" --resume "* ]] && size+=(--num_steps 3)  # two steps beyond the first run
         command python "$@" "${size[@]}"
     elif [[ "${1:-} ${2:-}" == "-m pytest" ]]; then
         echo "readme-test: the suite is what runs this; not again inside itself"

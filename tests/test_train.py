@@ -21,9 +21,9 @@ from PIL import Image
 import train
 from models.configs import CONFIGS, apply_overrides
 from models.modeling import VisionTransformer
+from tests.helpers import md5_of
 from utils import data as data_module
 from utils.cli import run_main
-from utils.download import md5_of
 from utils.scheduler import build_scheduler, warmup_cosine, warmup_linear
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,12 @@ def run_cli(tmp_path: Path, *args: str, script: str = "train.py") -> subprocess.
     defaults = ["--output_dir", str(tmp_path / "output"), "--logdir", str(tmp_path / "logs")]
     defaults = defaults if script == "train.py" else []
     return subprocess.run(
-        [sys.executable, str(REPO / script), *defaults, *args],
+        [
+            sys.executable,
+            *(["-m", script] if "." in script[:-3] else [str(REPO / script)]),
+            *defaults,
+            *args,
+        ],  # fmt: skip
         cwd=tmp_path,
         env=env,
         capture_output=True,

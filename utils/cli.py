@@ -6,15 +6,9 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from models.configs import CONFIGS, ConfigOverrideError
-from models.npz_io import CheckpointError
-from utils.data import DataError
+from models.configs import CONFIGS
+from models.errors import UserError
 from utils.datasets import DATASETS
-from utils.download import DownloadError
-from utils.errors import UsageError
-
-# Mistakes a user can fix from the command line: reported as one line, exit code 2.
-USER_ERRORS = (ConfigOverrideError, CheckpointError, DataError, DownloadError)
 
 
 class Parser(argparse.ArgumentParser):
@@ -82,7 +76,7 @@ def run_main(main: Callable[[], int], prog: str) -> None:
     """Call ``main``; turn user mistakes into one line on stderr and exit code 2."""
     try:
         code = main()
-    except (UsageError, *USER_ERRORS) as error:
+    except UserError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         code = 2
     except BrokenPipeError:  # output piped into `head` and the like

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
+from models.errors import UserError, one_line
 from utils.checkpoint import share_as_usual
 from utils.download import DownloadError, download_file
 
@@ -102,7 +103,7 @@ IMAGE_SHAPE = (3, 32, 32)  # CHW, as stored in each row of the pickles
 MEAN, STD = 0.5, 0.5  # per channel, on [0, 1] pixels, as the reference ViT-pytorch
 
 
-class DataError(Exception):
+class DataError(UserError):
     """The data set is missing or malformed; the message is one line a user can act on."""
 
 
@@ -152,11 +153,6 @@ class _NumpyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _one_line(err: BaseException) -> str:
-    """An exception's text with newlines collapsed, for one-line user messages."""
-    return " ".join(str(err).split())
-
-
 def _unpickle(path: Path) -> dict:
     """Read one CIFAR pickle into a dict with bytes keys."""
     if not path.is_file():
@@ -166,7 +162,7 @@ def _unpickle(path: Path) -> dict:
             content = _NumpyUnpickler(f, encoding="bytes").load()
     except Exception as err:  # a corrupt pickle can raise almost anything
         raise DataError(
-            f"{path}: cannot be read as a CIFAR pickle ({type(err).__name__}: {_one_line(err)}); "
+            f"{path}: cannot be read as a CIFAR pickle ({type(err).__name__}: {one_line(err)}); "
             "the file is corrupt or truncated, delete it and download again"
         ) from err
     if not isinstance(content, dict):
@@ -296,7 +292,7 @@ def ensure_cifar(
             _safe_extract(archive, tmp_dir)
         except (tarfile.TarError, OSError, EOFError) as err:
             raise DataError(
-                f"cannot extract the archive downloaded from {url} ({_one_line(err)}); {by_hand}"
+                f"cannot extract the archive downloaded from {url} ({one_line(err)}); {by_hand}"
             ) from err
         extracted = tmp_dir / spec.folder
         if missing := _missing_files(extracted, spec):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.errors import UsageError
+from models.errors import UsageError
 
 
 def resolve_device(name: str | None, local_rank: int = -1) -> torch.device:

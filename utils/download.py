@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import BinaryIO
 
 from tqdm import tqdm
 
-from utils.checkpoint import share_as_usual
+from models.errors import UserError
+from utils.checkpoint import atomic_write
 
 CHUNK_SIZE = 1 << 20  # 1 MiB
 
 
-class DownloadError(Exception):
+class DownloadError(UserError):
     """A download failed; the message says what to fetch by hand and where to put it."""
 
     def __init__(self, url: str, dest: str | Path, reason: str) -> None:
@@ -33,15 +33,6 @@ class DownloadError(Exception):
             f"could not download {url} to {self.dest} ({reason}); "
             f"fetch the file by hand and save it as {self.dest}"
         )
-
-
-def md5_of(path: str | Path, chunk_size: int = CHUNK_SIZE) -> str:
-    """Return the hex MD5 of a file, read in chunks so that large archives fit in memory."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _reason(err: BaseException, timeout: float) -> str:
@@ -68,24 +59,17 @@ def download_file(
 ) -> Path:
     """Download ``url`` to ``dest`` atomically and return ``dest``.
 
-    The body is streamed in 1 MiB chunks into ``<dest>.<random>.part`` in the destination folder
-    (same file system, so the final ``os.replace`` is atomic), hashed on the way, and moved into
-    place only when it is complete and, if ``md5`` is given, its MD5 matches. On any failure the
-    temporary file is removed and :class:`DownloadError` is raised with the cause chained.
-    ``timeout`` bounds each blocking network operation (connect, each read), not the whole download.
+    The body is streamed in 1 MiB chunks into a temporary file beside ``dest`` (see
+    :func:`utils.checkpoint.atomic_write`), hashed on the way, and renamed into place only when
+    it is complete and, if ``md5`` is given, its MD5 matches. On any failure the temporary file
+    is removed and :class:`DownloadError` is raised with the cause chained. ``timeout`` bounds
+    each blocking network operation (connect, each read), not the whole download.
     """
     dest = Path(dest)
-    tmp_path: Path | None = None
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+
+    def fetch(out: BinaryIO) -> None:
         request = urllib.request.Request(url, headers={"User-Agent": "vit-cifar"})
-        with (
-            urllib.request.urlopen(request, timeout=timeout) as response,
-            tempfile.NamedTemporaryFile(
-                delete=False, dir=dest.parent, prefix=dest.name + ".", suffix=".part"
-            ) as tmp,
-        ):
-            tmp_path = Path(tmp.name)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             digest = hashlib.md5(usedforsecurity=False)
@@ -99,7 +83,7 @@ def download_file(
                 disable=None,  # quiet when stderr is not a terminal (logs, CI)
             ) as bar:
                 while chunk := response.read(CHUNK_SIZE):
-                    tmp.write(chunk)
+                    out.write(chunk)
                     digest.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
@@ -109,15 +93,12 @@ def download_file(
             raise DownloadError(
                 url, dest, f"MD5 mismatch: expected {md5.lower()}, got {digest.hexdigest()}"
             )
-        share_as_usual(tmp_path)
-        os.replace(tmp_path, dest)
-        tmp_path = None
-        return dest
+
+    try:
+        atomic_write(dest, fetch)
     except DownloadError:
         raise
     except (OSError, http.client.HTTPException, ValueError) as err:
         # OSError covers URLError, HTTPError and socket timeouts; ValueError a malformed URL.
         raise DownloadError(url, dest, _reason(err, timeout)) from err
-    finally:
-        if tmp_path is not None:
-            tmp_path.unlink(missing_ok=True)
+    return dest

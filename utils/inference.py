@@ -31,11 +31,11 @@ import torch
 from PIL import Image
 
 from models.checkpoint import load_resized, read_checkpoint
-from models.configs import CONFIGS, ConfigOverrideError, apply_overrides
+from models.configs import CONFIGS, ConfigOverrideError, apply_overrides, flat_fields
+from models.errors import UsageError, one_line
 from models.modeling import VisionTransformer, uncovered_pixels
 from models.npz_io import CheckpointError, describe_keys
 from utils.class_names import CLASS_NAMES
-from utils.cli import UsageError
 from utils.data import normalize, resize
 from utils.device import resolve_device
 
@@ -43,12 +43,6 @@ _HEAD = "head.weight"
 _EMBED = "transformer.embeddings."
 _LAYER = re.compile(r"transformer\.encoder\.layer\.(\d+)\.")
 _UNIT = re.compile(r"transformer\.embeddings\.hybrid_model\.body\.block(\d+)\.unit(\d+)\.")
-
-
-def _one_line(error: BaseException, limit: int = 160) -> str:
-    """The first line of an exception's text, shortened: torch.load's errors run to pages."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +128,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         ) from None
     except (ValueError, UnicodeDecodeError) as error:  # the .json beside a .bin
         raise UsageError(
-            f"{path.with_suffix('.json')} is not valid JSON ({_one_line(error)}); fix or delete it"
+            f"{path.with_suffix('.json')} is not valid JSON ({one_line(error)}); fix or delete it"
         ) from None
     return Checkpoint(path, dict(state_dict), meta if isinstance(meta, dict) else {})
 
@@ -259,20 +253,10 @@ def suggest_flags(state: dict[str, torch.Tensor]) -> str:
     return f"its weights fit {' '.join(flags)}{heads}"
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[prefix + key] = tuple(value) if isinstance(value, list | tuple) else value
-    return flat
-
-
 def _config_differences(saved: dict[str, Any], config) -> list[str]:
     """Fields (other than dropout) where a training state's config differs from ``config``."""
-    ours = _flatten(config.to_dict())
-    theirs = _flatten(saved)
+    ours = flat_fields(config.to_dict())
+    theirs = flat_fields(saved)
     return [
         f"{k}={_format_value(theirs.get(k))} (not {_format_value(ours.get(k))})"
         for k in sorted(ours.keys() | theirs.keys())
@@ -346,7 +330,7 @@ def load_image(path: str | Path) -> Image.Image:
             return image.convert("RGB")  # decodes the whole file
     except Exception as error:  # UnidentifiedImageError, truncated data, decompression bomb...
         raise UsageError(
-            f"image {path} cannot be read ({_one_line(error)}); pass a file Pillow can open "
+            f"image {path} cannot be read ({one_line(error)}); pass a file Pillow can open "
             "(PNG, JPEG, BMP, WebP...)"
         ) from None
 
