@@ -15,8 +15,6 @@ import json
 import os
 from pathlib import Path
 
-from torch.utils.data import Dataset
-
 from models.errors import UsageError
 from utils.cli import (
     Parser,
@@ -25,13 +23,13 @@ from utils.cli import (
     add_model_args,
     run_main,
 )
-from utils.data import CIFAR, CifarDataset, ensure_cifar, load_cifar
-from utils.device_data import DeviceBatches, DeviceEvalBatches, use_device_data
+from utils.data import CIFAR, ensure_cifar
+from utils.datasets import load_test_set
+from utils.device_data import use_device_data
 from utils.engine import evaluate
 from utils.figures import confusion_matrix_image, save_png
-from utils.image_folder import ImageFolderDataset, scan_split
 from utils.inference import load_from_args
-from utils.loader import make_loader
+from utils.loader import evaluation_batches
 from utils.precision import Precision
 
 
@@ -57,14 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_test_set(dataset: str, data_dir: str, img_size: int, classes: list[str]) -> Dataset:
-    """The images train.py scores as its test set, transformed as it does."""
-    if dataset in CIFAR:
-        ensure_cifar(dataset, data_dir)
-        return CifarDataset(load_cifar(dataset, data_dir, False), img_size, False)
-    return ImageFolderDataset(scan_split(Path(data_dir) / "val", classes), img_size, False)
-
-
 def class_table(cm, classes: list[str]) -> str:
     """Per-class correct / total / accuracy, one row per class."""
     width = max(len("class"), *(len(c) for c in classes))
@@ -82,12 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--eval_batch_size must be positive and --num_workers >= 0")
     loaded = load_from_args(args)
     classes, device = loaded.classes, loaded.device
-    images = load_test_set(loaded.dataset, args.data_dir, loaded.flags.img_size, classes)
-    if use_device_data(args.data_on_device, [images], device):
-        on_device = DeviceBatches.from_dataset(images, device)
-        loader = DeviceEvalBatches(on_device, range(len(images)), args.eval_batch_size)
-    else:
-        loader = make_loader(images, args.num_workers, device, batch_size=args.eval_batch_size)
+    if loaded.dataset in CIFAR:
+        ensure_cifar(loaded.dataset, args.data_dir)
+    images = load_test_set(loaded.dataset, Path(args.data_dir), loaded.flags.img_size, classes)
+    copies = {} if use_device_data(args.data_on_device, [images], device) else None
+    loader = evaluation_batches(
+        images, range(len(images)), args.eval_batch_size, args.num_workers, device, copies
+    )
     # The very function training scores with: the same accuracy to the last digit.
     precision = Precision(args.precision, device, loss_scale=0)
     result = evaluate(loaded.model, loader, device, precision, len(classes))

@@ -7,27 +7,27 @@ torchrun --nproc_per_node=8 train.py --name cifar10-100_500 --model_type ViT-B_1
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import signal
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from models.checkpoint import load_resized, read_checkpoint
+from models.checkpoint import load_resized
 from models.configs import apply_overrides
 from models.errors import UsageError
 from models.modeling import CONFIGS, VisionTransformer, uncovered_pixels
 from models.npz_io import read_npz
 from models.pretrained import BUCKET, MIRROR_VARIABLE, default_filename, describe, official_url
 from utils import distributed as dist
-from utils.checkpoint import atomic_save, atomic_write, rng_state, set_rng_state, unwrap
+from utils.checkpoint import rng_state, set_rng_state
 from utils.cli import Parser, add_data_on_device_arg, add_model_args, run_main
 from utils.data import (
     CIFAR,
@@ -38,14 +38,16 @@ from utils.data import (
     unwrap_subset,
 )
 from utils.datasets import DATASETS, RunData, build_datasets
-from utils.device_data import DeviceBatches, DeviceEvalBatches, use_device_data
+from utils.device_data import DeviceBatches, use_device_data
 from utils.download import DownloadError, download_file
 from utils.engine import evaluate, train_step
 from utils.figures import log_eval_images
+from utils.loader import evaluation_batches
 from utils.loader import make_loader as worker_loader
 from utils.logger import Meter, Reporter, setup_logging
 from utils.memory import GIB, available_bytes, measure_step
 from utils.precision import Precision
+from utils.run_files import RunFiles, TrainingState, read_weights
 from utils.scheduler import build_scheduler
 from utils.signals import StopRequest
 
@@ -269,46 +271,16 @@ def build_model(args: argparse.Namespace, num_classes: int) -> VisionTransformer
         raise UsageError(f"cannot build {args.model_type}: {error}") from None
 
 
-def resume_path(args: argparse.Namespace) -> Path | None:
-    if args.resume is None:
+def restore_state(files: RunFiles, args: argparse.Namespace, global_batch: int):
+    """The training state ``--resume`` names, checked to continue this very run; or None."""
+    path = files.resume_from(args.resume)
+    if path is None:
         return None
-    last = Path(args.output_dir) / f"{args.name}_last.pt"
-    if args.resume == "auto":
-        return last if last.exists() else None
-    path = Path(args.resume)
-    if not path.is_file():
-        raise UsageError(f"--resume {path}: no such file (use 'auto' to resume {last} if present)")
-    return path
-
-
-def load_state(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UsageError(f"--resume {path} is not a readable training state ({error})") from None
-    if not isinstance(state, dict) or "optimizer" not in state:
-        raise UsageError(f"--resume {path} is not a <name>_last.pt training state")
+    state = TrainingState.read(path)
+    if reason := state.refusal(vars(args), global_batch):
+        raise UsageError(f"--resume {path} {reason}")
+    log.info("resumed from %s at step %d", path, state.step)
     return state
-
-
-def check_resumable(state: dict, args: argparse.Namespace, path: Path, global_batch: int) -> None:
-    """A state continues only the run that wrote it: the same model, data and global batch."""
-    if state["global_batch"] != global_batch:
-        raise UsageError(
-            f"--resume {path} was written with a global batch of {state['global_batch']}, not "
-            f"{global_batch}; set --train_batch_size x processes to match"
-        )
-    for key in ("model_type", "config", "img_size", "dataset", "seed"):
-        if state["args"].get(key) != getattr(args, key):
-            raise UsageError(
-                f"--resume {path} was written with --{key} {state['args'].get(key)}, "
-                f"not {getattr(args, key)}; pass the same flags as the interrupted run"
-            )
-    if args.num_steps <= state["step"]:
-        raise UsageError(
-            f"--resume {path} is already at step {state['step']}, and --num_steps is "
-            f"{args.num_steps}: nothing is left to train; raise --num_steps to go on"
-        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,7 +313,7 @@ def build_data(args: argparse.Namespace, ctx: dist.Context) -> RunData:
 def load_initial_weights(path: Path, args: argparse.Namespace, ctx: dist.Context, model) -> None:
     """Google's .npz (downloaded when official and missing), or one of our own checkpoints."""
     if path.suffix in (".bin", ".pt"):
-        state_dict, _ = read_checkpoint(path)
+        state_dict, _ = read_weights(path)
         load_resized(model, state_dict, keep_head=False)
     else:
         path = dist.on_main_first(lambda: fetch_pretrained(path, args), ctx.is_main)
@@ -378,66 +350,83 @@ def training_batches(
     return lambda: device_data.train_batch(next(box_batches))
 
 
-def eval_batches(
-    dataset, args: argparse.Namespace, ctx: dist.Context, copies: dict | None
-) -> DataLoader | DeviceEvalBatches:
-    """This process's share of ``dataset`` (every image is scored exactly once in all), made on
-    the device when ``copies`` is given, else by DataLoader workers."""
+def eval_batches(dataset, args: argparse.Namespace, ctx: dist.Context, copies: dict | None):
+    """This process's share of ``dataset``: every image is scored exactly once in all."""
     share = shard_indices(len(dataset), ctx.rank, ctx.world_size)
-    if copies is None:
-        return make_loader(Subset(dataset, share), args, ctx, batch_size=args.eval_batch_size)
-    base, indices = unwrap_subset(dataset)
-    device_data = DeviceBatches.from_dataset(base, ctx.device, copies)
-    return DeviceEvalBatches(device_data, [indices[i] for i in share], args.eval_batch_size)
-
-
-def checkpoint_metadata(args: argparse.Namespace, classes: list[str]) -> dict:
-    """What evaluate.py, predict.py and export.py need to rebuild the model of a ``.bin``."""
-    keys = ("model_type", "config", "img_size", "dataset")
-    return {"args": {k: getattr(args, k) for k in keys}, "classes": classes}
-
-
-def save_best(model, args: argparse.Namespace, output: Path, classes: list[str]) -> None:
-    """The reference's ``<name>_checkpoint.bin`` (a bare state_dict) and a ``.json`` beside it."""
-    bin_path = output / f"{args.name}_checkpoint.bin"
-    atomic_save(unwrap(model).state_dict(), bin_path)
-    meta = json.dumps(checkpoint_metadata(args, classes)).encode()
-    atomic_write(bin_path.with_suffix(".json"), lambda f: f.write(meta))
-
-
-def score_test(model, batches, num_classes: int, best_path: Path, ctx, precision: Precision):
-    """Test accuracy and loss of the final weights, then of the best ones (left in ``model``)."""
-    final = evaluate(model, batches, ctx.device, precision, num_classes)
-    dist.barrier()  # rank 0 has written the best weights
-    model.load_state_dict(read_checkpoint(best_path)[0])
-    return final, evaluate(model, batches, ctx.device, precision, num_classes)
-
-
-def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int:
-    output = Path(args.output_dir)
-    # Rank 0's verdict reaches every rank: none is left waiting for a process that has exited.
-    dist.on_main_first(lambda: prepare_output(output), ctx.is_main)
-    resume = resume_path(args)
-    state = load_state(resume) if resume else None
-    global_batch = args.train_batch_size * ctx.world_size
-    weights, start = starting_point(args)
-    if state is not None:
-        check_resumable(state, args, resume, global_batch)
-        start = state.get("start", start)
-    log.info(start if state is None else f"resuming a run that began {start}")
-    torch.manual_seed(args.seed)  # the same initial weights on every process
-
-    data = build_data(args, ctx)
-    model = build_model(args, len(data.classes)).to(ctx.device)
-    precision = Precision(
-        args.precision or ("fp16" if args.fp16 else "fp32"), ctx.device, args.loss_scale
+    return evaluation_batches(
+        dataset, share, args.eval_batch_size, args.num_workers, ctx.device, copies
     )
-    memory = check_memory(model, args, ctx, precision)  # before a download that might be wasted
-    if state is None and weights is not None:
-        load_initial_weights(weights, args, ctx, model)
-    # Dropout masks differ across processes, as they would across the shards of one big batch.
-    torch.manual_seed(args.seed + ctx.rank)
 
+
+class DataPath:
+    """The run's batches: training batches in the global order from ``step`` on, and the
+    evaluation batches of the selection set (and, at the end, of the test set)."""
+
+    def __init__(self, data: RunData, args, ctx: dist.Context, global_batch: int, step: int):
+        sampler = GlobalBatchSampler(
+            len(data.train), global_batch, ctx.rank, ctx.world_size, args.seed, step
+        )
+        sets = [unwrap_subset(d)[0] for d in (data.train, data.select, data.test) if d]
+        copies = {} if use_device_data(args.data_on_device, sets, ctx.device) else None
+        self.next_batch = training_batches(data, sampler, args, ctx, copies)
+        self.select = eval_batches(data.select, args, ctx, copies)
+        self.test = lambda: data.test and eval_batches(data.test, args, ctx, copies)
+
+
+def log_setup(args, ctx: dist.Context, data: RunData, global_batch: int, precision: Precision):
+    log.info(
+        "%s on %s: %d process(es), global batch %d (%d per process in %d micro-batches of %d), "
+        "%s, %d steps, %d train / %d %s images%s",
+        args.model_type, ctx.device.type, ctx.world_size, global_batch, args.train_batch_size,
+        args.gradient_accumulation_steps,
+        args.train_batch_size // args.gradient_accumulation_steps, precision.name,
+        args.num_steps, len(data.train), len(data.select), data.select_name,
+        f" / {len(data.test)} test images" if data.test is not None else "",
+    )  # fmt: skip
+
+
+@dataclass
+class Run:
+    """What the loop advances and a training state restores."""
+
+    model: VisionTransformer  # the bare model; ``stepper`` is it compiled and/or under DDP
+    stepper: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    step: int = 0
+    best_acc: float = 0.0
+    best_step: int = 0
+    last_acc: float = float("nan")
+
+    def restore(self, state: TrainingState, ctx: dist.Context) -> None:
+        self.model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.scaler.load_state_dict(state.scaler)
+        self.step, self.best_acc, self.best_step = state.step, state.best_acc, state.best_step
+        if len(state.rng) == ctx.world_size:
+            set_rng_state(state.rng[ctx.rank])
+
+    def state(self, rngs: list, args: argparse.Namespace, classes: list[str], start: str):
+        return TrainingState(
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            step=self.step,
+            global_batch=args.train_batch_size * len(rngs),
+            best_acc=self.best_acc,
+            best_step=self.best_step,
+            rng=rngs,
+            args=vars(args),
+            config=self.model.config.to_dict(),
+            classes=classes,
+            start=start,
+        )
+
+
+def build_run(model, args: argparse.Namespace, ctx: dist.Context, precision: Precision) -> Run:
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=args.learning_rate,
@@ -448,169 +437,171 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         fused=precision.name != "fp16",
     )
     scheduler = build_scheduler(optimizer, args.decay_type, args.warmup_steps, args.num_steps)
-    scaler = precision.scaler()
-    step, best_acc, best_step = 0, 0.0, 0
-    if state is not None:
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, best_acc, best_step = state["step"], state["best_acc"], state["best_step"]
-        if len(state["rng"]) == ctx.world_size:
-            set_rng_state(state["rng"][ctx.rank])
-        log.info("resumed from %s at step %d", resume, step)
-    ddp = torch.compile(model) if args.compile else model
+    stepper = torch.compile(model) if args.compile else model
     if ctx.distributed:
-        ddp = DDP(ddp, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        stepper = DDP(stepper, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return Run(model, stepper, optimizer, scheduler, precision.scaler())
 
-    sampler = GlobalBatchSampler(
-        len(data.train), global_batch, ctx.rank, ctx.world_size, args.seed, step
-    )
-    sets = [unwrap_subset(d)[0] for d in (data.train, data.select, data.test) if d is not None]
-    copies = {} if use_device_data(args.data_on_device, sets, ctx.device) else None
-    next_batch = training_batches(data, sampler, args, ctx, copies)
-    select_batches = eval_batches(data.select, args, ctx, copies)
-    name = data.select_name
+
+def optimize_one_step(run: Run, batch, meter: Meter, precision: Precision, args, memory: str):
+    lr = run.scheduler.get_last_lr()[0]
+    try:
+        loss, grad_norm = train_step(
+            run.stepper, batch, run.optimizer, run.scaler, precision,
+            args.gradient_accumulation_steps, args.max_grad_norm,
+        )  # fmt: skip
+    except torch.OutOfMemoryError:
+        raise UsageError(f"out of memory in step {run.step + 1}: {memory}") from None
+    run.scheduler.step()
+    run.step += 1
+    meter.add(run.step, loss, grad_norm, lr)
+
+
+def check_loss(loss: float, step: int, precision: Precision, files: RunFiles) -> None:
+    """Stop a diverging run (outside fp16, whose scaler skips such steps) with the last good
+    state kept."""
+    if precision.name != "fp16" and not math.isfinite(loss):
+        raise UsageError(
+            f"the loss became {loss} by step {step}; stopping. The last good state is "
+            f"{files.last}: lower --learning_rate, then --resume it"
+        )
+
+
+def stop_agreed(stop: StopRequest, step: int, args, ctx: dist.Context) -> bool:
+    """Whether a signal stops the run now. Under DDP every process must agree on the step it
+    stops at, so they ask each other at log steps only."""
+    may_stop = step < args.num_steps and (not ctx.distributed or step % args.log_every == 0)
+    return may_stop and dist.any_rank(stop.signum is not None, ctx.device)
+
+
+def save_last(run: Run, files: RunFiles, args, classes: list[str], start: str, is_main: bool):
+    """``<name>_last.pt``: every process's RNG state, written by rank 0."""
+    rngs = dist.gather_objects(rng_state())
+    if is_main:
+        run.state(rngs, args, classes, start).write(files.last)
+
+
+def evaluate_and_save(run: Run, batches, data: RunData, precision: Precision, ctx, reporter,
+                      files: RunFiles, args: argparse.Namespace, start: str) -> None:  # fmt: skip
+    """Score the selection set; keep the weights as the best ones when they are."""
+    scores = evaluate(run.model, batches, ctx.device, precision, len(data.classes))
+    name, step = data.select_name, run.step
+    if reporter.writer is not None:
+        log_eval_images(
+            reporter.writer, step, *scores.samples, scores.confusion, data.classes, name
+        )
+    reporter.scalars({f"{name}/accuracy": scores.accuracy, f"{name}/loss": scores.loss}, step)
     log.info(
-        "%s on %s: %d process(es), global batch %d (%d per process in %d micro-batches of %d), "
-        "%s, %d steps, %d train / %d %s images%s",
-        args.model_type, ctx.device.type, ctx.world_size, global_batch, args.train_batch_size,
-        args.gradient_accumulation_steps,
-        args.train_batch_size // args.gradient_accumulation_steps, precision.name,
-        args.num_steps, len(data.train), len(data.select), name,
-        f" / {len(data.test)} test images" if data.test is not None else "",
+        "step %d: %s accuracy %.4f, loss %.4f (%d images)",
+        step, name, scores.accuracy, scores.loss, scores.count,
     )  # fmt: skip
+    run.last_acc = scores.accuracy
+    if scores.accuracy > run.best_acc or run.best_step == 0:
+        run.best_acc, run.best_step = scores.accuracy, step
+        if ctx.is_main:
+            files.save_best(run.model.state_dict(), vars(args), data.classes)
+    save_last(run, files, args, data.classes, start, ctx.is_main)
+
+
+def final_verdict(run: Run, data: RunData, test_batches, files: RunFiles, precision, ctx,
+                  reporter) -> tuple[str, dict[str, float]]:  # fmt: skip
+    """The summary's words and the HParams metrics; with a validation split, the test set is
+    scored here, once with the final weights and once with the best ones."""
+    metrics = {"hparam/best_accuracy": run.best_acc, "hparam/final_accuracy": run.last_acc}
+    best = f"best accuracy {run.best_acc:.4f} at step {run.best_step}"
+    if data.select_name == "test":
+        return (
+            f"{best} (test set, which also selected it, as the reference does: an optimistic "
+            f"figure) | final accuracy {run.last_acc:.4f}"
+        ), metrics
+    if data.test is None:
+        return (
+            f"{best} (validation split, no test set) | final accuracy {run.last_acc:.4f} "
+            "(validation)"
+        ), metrics
+    final = evaluate(run.model, test_batches, ctx.device, precision, len(data.classes))
+    dist.barrier()  # rank 0 has written the best weights
+    run.model.load_state_dict(read_weights(files.best)[0])
+    best_test = evaluate(run.model, test_batches, ctx.device, precision, len(data.classes))
+    reporter.scalars(
+        {"test/accuracy_final": final.accuracy, "test/loss_final": final.loss,
+         "test/accuracy_best": best_test.accuracy, "test/loss_best": best_test.loss},
+        run.step,
+    )  # fmt: skip
+    metrics |= {"hparam/test_accuracy_final": final.accuracy,
+                "hparam/test_accuracy_best": best_test.accuracy}  # fmt: skip
+    return (
+        f"final accuracy {final.accuracy:.4f} (test set, final weights) | best accuracy "
+        f"{best_test.accuracy:.4f} (test set, weights of step {run.best_step}, selected on "
+        f"validation accuracy {run.best_acc:.4f}; the test set played no part in selection)"
+    ), metrics
+
+
+def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int:
+    files = RunFiles(Path(args.output_dir), args.name)
+    # Rank 0's verdict reaches every rank: none is left waiting for a process that has exited.
+    dist.on_main_first(lambda: prepare_output(files.output), ctx.is_main)
+    global_batch = args.train_batch_size * ctx.world_size
+    state = restore_state(files, args, global_batch)
+    weights, start = starting_point(args)
+    start = (state.start or start) if state is not None else start
+    log.info(start if state is None else f"resuming a run that began {start}")
+
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    data = build_data(args, ctx)
+    model = build_model(args, len(data.classes)).to(ctx.device)
+    precision = Precision(
+        args.precision or ("fp16" if args.fp16 else "fp32"), ctx.device, args.loss_scale
+    )
+    memory = check_memory(model, args, ctx, precision)  # before a download that might be wasted
+    if state is None and weights is not None:
+        load_initial_weights(weights, args, ctx, model)
+    torch.manual_seed(args.seed + ctx.rank)  # dropout differs across processes, as across shards
+    run = build_run(model, args, ctx, precision)
+    if state is not None:
+        run.restore(state, ctx)
+
+    data_path = DataPath(data, args, ctx, global_batch, run.step)
+    log_setup(args, ctx, data, global_batch, precision)
     reporter = Reporter(
-        Path(args.logdir) / args.name if ctx.is_main else None, args.num_steps, step
+        Path(args.logdir) / args.name if ctx.is_main else None, args.num_steps, run.step
     )
     reporter.text(
-        "args",
-        "  \n".join([start, *(f"{k}: {v}" for k, v in sorted(vars(args).items()))]),
+        "args", "  \n".join([start, *(f"{k}: {v}" for k, v in sorted(vars(args).items()))])
     )
-
-    def save_last(at_step: int) -> None:
-        rngs = dist.gather_objects(rng_state())
-        if ctx.is_main:
-            atomic_save(
-                {
-                    "model": unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "step": at_step,
-                    "global_batch": global_batch,
-                    "best_acc": best_acc,
-                    "best_step": best_step,
-                    "rng": rngs,
-                    "args": vars(args),
-                    "config": unwrap(model).config.to_dict(),
-                    "classes": data.classes,
-                    "start": start,
-                },
-                output / f"{args.name}_last.pt",
-            )
-
     meter = Meter(global_batch, ctx.world_size)
-    first_step = step + 1
-    last_acc = float("nan")
+    first_step = run.step + 1
     model.train()
-    while step < args.num_steps:
-        batch = next_batch()
-        lr = scheduler.get_last_lr()[0]
-        try:
-            loss, grad_norm = train_step(
-                ddp, batch, optimizer, scaler, precision, args.gradient_accumulation_steps,
-                args.max_grad_norm,
-            )  # fmt: skip
-        except torch.OutOfMemoryError:
-            raise UsageError(f"out of memory in step {step + 1}: {memory}") from None
-        scheduler.step()
-        step += 1
-        meter.add(step, loss, grad_norm, lr)
-        evaluate_now = step % args.eval_every == 0 or step == args.num_steps
-        if step == first_step and not evaluate_now:
+    while run.step < args.num_steps:
+        optimize_one_step(run, data_path.next_batch(), meter, precision, args, memory)
+        evaluate_now = run.step % args.eval_every == 0 or run.step == args.num_steps
+        if run.step == first_step and not evaluate_now:
             meter.flush(reporter, timed=False)  # warm-up (and compilation) is not throughput
-        elif step % args.log_every == 0 or evaluate_now:
-            last_loss = meter.flush(reporter)
-            if precision.name != "fp16" and not math.isfinite(last_loss):
-                raise UsageError(
-                    f"the loss became {last_loss} by step {step}; stopping. The last good state "
-                    f"is {output / (args.name + '_last.pt')}: lower --learning_rate, then "
-                    "--resume it"
-                )
+        elif run.step % args.log_every == 0 or evaluate_now:
+            check_loss(meter.flush(reporter), run.step, precision, files)
         if evaluate_now:
-            scores = evaluate(
-                unwrap(model), select_batches, ctx.device, precision, len(data.classes)
+            evaluate_and_save(
+                run, data_path.select, data, precision, ctx, reporter, files, args, start
             )
-            acc, loss_value, count = scores.accuracy, scores.loss, scores.count
-            if reporter.writer is not None:
-                log_eval_images(
-                    reporter.writer, step, *scores.samples, scores.confusion, data.classes, name
-                )
-            last_acc = acc
-            reporter.scalars({f"{name}/accuracy": acc, f"{name}/loss": loss_value}, step)
-            log.info(
-                "step %d: %s accuracy %.4f, loss %.4f (%d images)",
-                step, name, acc, loss_value, count,
-            )  # fmt: skip
-            if acc > best_acc or best_step == 0:
-                best_acc, best_step = acc, step
-                if ctx.is_main:
-                    save_best(model, args, output, data.classes)
-            save_last(step)
             meter.restart_clock()
-        # Under DDP every process must agree on the step it stops at: ask at log steps only.
-        may_stop = step < args.num_steps and (not ctx.distributed or step % args.log_every == 0)
-        if may_stop and dist.any_rank(stop.signum is not None, ctx.device):
+        if stop_agreed(stop, run.step, args, ctx):
             meter.flush(reporter)
-            save_last(step)
+            save_last(run, files, args, data.classes, start, ctx.is_main)
             if ctx.is_main:
-                log.warning(
-                    "stopped by signal at step %d; state saved to %s. Resume with the same "
-                    "command and --resume auto", step, output / f"{args.name}_last.pt",
-                )  # fmt: skip
+                log.warning("stopped by signal at step %d; state saved to %s. Resume with the same "
+                            "command and --resume auto", run.step, files.last)  # fmt: skip
             reporter.close()
             return 128 + (stop.signum or signal.SIGTERM)
 
     wall = time.perf_counter() - meter.start
     if meter.skipped:
         log.warning("%d steps skipped by the fp16 loss scaler (inf/NaN gradients)", meter.skipped)
-    metrics = {"hparam/best_accuracy": best_acc, "hparam/final_accuracy": last_acc}
-    if name == "test":
-        verdict = (
-            f"best accuracy {best_acc:.4f} at step {best_step} (test set, which also selected "
-            f"it, as the reference does: an optimistic figure) | final accuracy {last_acc:.4f}"
-        )
-    elif data.test is None:
-        verdict = (
-            f"best accuracy {best_acc:.4f} at step {best_step} (validation split, no test set) | "
-            f"final accuracy {last_acc:.4f} (validation)"
-        )
-    else:
-        best_path = output / f"{args.name}_checkpoint.bin"
-        test_batches = eval_batches(data.test, args, ctx, copies)
-        final_test, best_test = score_test(
-            unwrap(model), test_batches, len(data.classes), best_path, ctx, precision
-        )
-        reporter.scalars(
-            {"test/accuracy_final": final_test[0], "test/loss_final": final_test[1],
-             "test/accuracy_best": best_test[0], "test/loss_best": best_test[1]},
-            step,
-        )  # fmt: skip
-        metrics |= {"hparam/test_accuracy_final": final_test[0],
-                    "hparam/test_accuracy_best": best_test[0]}  # fmt: skip
-        verdict = (
-            f"final accuracy {final_test[0]:.4f} (test set, final weights) | best accuracy "
-            f"{best_test[0]:.4f} (test set, weights of step {best_step}, selected on validation "
-            f"accuracy {best_acc:.4f}; the test set played no part in selection)"
-        )
+    verdict, metrics = final_verdict(run, data, data_path.test(), files, precision, ctx, reporter)
     reporter.hparams({**vars(args), "config": " ".join(args.config)}, metrics)
     reporter.close()
     if ctx.is_main:
-        print(
-            f"summary: {verdict} | {step} steps | wall time {wall:.1f} s | "
-            f"{meter.images_per_second:.1f} images/s | {start}"
-        )
+        print(f"summary: {verdict} | {run.step} steps | wall time {wall:.1f} s | "
+              f"{meter.images_per_second:.1f} images/s | {start}")  # fmt: skip
     return 0
 
 

@@ -1,50 +1,19 @@
-"""Our own checkpoints: the reference's ``*_checkpoint.bin`` state_dicts and ``*_last.pt`` states.
+"""Loading our own checkpoints' weights at any ``img_size``.
 
-Both load at any ``img_size``: the position embedding is resized as for Google's files, so a model
-fine-tuned at 224 px can be evaluated or tuned further at 384 px.
+The position embedding is resized as for Google's files, so a model fine-tuned at 224 px can be
+evaluated or tuned further at 384 px. The files themselves are read by ``utils.run_files``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from models.errors import one_line
 from models.npz_io import CheckpointError, describe_keys, resize_pos_embed
 
 log = logging.getLogger(__name__)
 POSEMB = "transformer.embeddings.position_embeddings"
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, metadata) from a ``.bin`` state_dict or a ``_last.pt`` training state.
-
-    Metadata (model type, config, image size, class names) comes from the training state, or
-    from the ``.json`` that train.py writes beside each ``.bin``; empty when there is neither.
-    """
-    path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except Exception as error:
-        raise CheckpointError(
-            f"checkpoint {path} is not a readable PyTorch file ({one_line(error)})"
-        ) from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        meta = {k: obj[k] for k in ("args", "config", "classes") if k in obj}
-        return obj["model"], meta
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"checkpoint {path} holds no model state_dict")
-    sidecar = path.with_suffix(".json")
-    meta = {}
-    if sidecar.is_file():
-        meta = json.loads(sidecar.read_text())
-    return obj, meta
 
 
 def load_resized(

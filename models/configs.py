@@ -26,11 +26,11 @@ _WIDTHS = {
 }
 
 
-def _vit(width: str, patch: int, hidden_size: int | None = None) -> ml_collections.ConfigDict:
+def _vit(width: str, patch: int) -> ml_collections.ConfigDict:
     hidden, mlp_dim, heads, layers = _WIDTHS[width]
     config = ml_collections.ConfigDict()
     config.patches = ml_collections.ConfigDict({"size": (patch, patch)})
-    config.hidden_size = hidden if hidden_size is None else hidden_size
+    config.hidden_size = hidden
     config.transformer = ml_collections.ConfigDict()
     config.transformer.mlp_dim = mlp_dim
     config.transformer.num_heads = heads

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import train
-from models.checkpoint import load_resized, read_checkpoint
+from models.checkpoint import load_resized
 from models.configs import CONFIGS, apply_overrides
 from models.modeling import VisionTransformer
 from models.npz_io import CheckpointError
@@ -20,6 +20,7 @@ from tests.test_train import SMALL, SMALL_CONFIG, event_scalars, run_cli
 from utils.data import CifarArrays, CifarDataset, DataError, GlobalBatchSampler, split_indices
 from utils.datasets import build_datasets
 from utils.image_folder import scan_split
+from utils.run_files import read_weights
 
 
 def write_image_folder(root: Path, classes=("cat", "dog", "fish"), per_class: int = 6) -> Path:
@@ -81,7 +82,7 @@ def test_trains_on_an_image_folder(tmp_path: Path) -> None:
     assert "(6 images)" in result.stderr  # the val/ folder: 3 classes x 2
     meta = json.loads((tmp_path / "output" / "folder_checkpoint.json").read_text())
     assert meta["classes"] == ["cat", "dog", "fish"]
-    state, meta_pt = read_checkpoint(tmp_path / "output" / "folder_last.pt")
+    state, meta_pt = read_weights(tmp_path / "output" / "folder_last.pt")
     assert meta_pt["classes"] == ["cat", "dog", "fish"] and state["head.weight"].shape[0] == 3
     # The class names travel with the checkpoint: no --dataset or model flags needed.
     image = next((root / "val" / "dog").iterdir())
@@ -159,7 +160,7 @@ def test_own_checkpoints_load_at_another_resolution(tmp_path: Path) -> None:
     config = apply_overrides(CONFIGS["testing"], SMALL_CONFIG)
     small = VisionTransformer(config, img_size=32, num_classes=10).eval()
     torch.save(small.state_dict(), tmp_path / "m_checkpoint.bin")
-    state, meta = read_checkpoint(tmp_path / "m_checkpoint.bin")
+    state, meta = read_weights(tmp_path / "m_checkpoint.bin")
     assert meta == {}
     large = VisionTransformer(config, img_size=48, num_classes=10).eval()
     load_resized(large, state)

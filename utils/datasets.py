@@ -27,23 +27,31 @@ class RunData:
     select_name: str  # "val" or "test": the TensorBoard prefix of the selection scores
 
 
+def load_test_set(
+    name: str, root: Path, img_size: int, classes: list[str], optional: bool = False
+) -> Dataset | None:
+    """The images a run scores as its test set, transformed for evaluation: CIFAR's test batch,
+    or an image folder's ``val/`` (None for a missing one when ``optional``)."""
+    if name != "imagefolder":
+        return CifarDataset(load_cifar(name, root, train=False), img_size, False)
+    if optional and not (root / "val").is_dir():
+        return None
+    return ImageFolderDataset(scan_split(root / "val", classes), img_size, False)
+
+
 def build_datasets(
     name: str, data_dir: str | Path, img_size: int, seed: int, val_split: float, hflip: bool
 ) -> RunData:
     root = Path(data_dir)
     if name == "imagefolder":
         train_split = scan_split(root / "train")
-        val_dir = root / "val"
-        test_split = scan_split(val_dir, train_split.classes) if val_dir.is_dir() else None
         train = ImageFolderDataset(train_split, img_size, True, seed, hflip)
         plain = ImageFolderDataset(train_split, img_size, False)
-        test = test_split and ImageFolderDataset(test_split, img_size, False)
     else:
-        arrays = load_cifar(name, root, train=True)
-        train = CifarDataset(arrays, img_size, True, seed, hflip)
+        train = CifarDataset(load_cifar(name, root, train=True), img_size, True, seed, hflip)
         plain = train.for_evaluation()
-        test = CifarDataset(load_cifar(name, root, train=False), img_size, False)
     classes = train.classes
+    test = load_test_set(name, root, img_size, classes, optional=True)
     if val_split > 0:
         try:
             train_idx, val_idx = split_indices(len(train), val_split, seed)

@@ -52,7 +52,9 @@ def evaluate(
     model, loader, device: torch.device, precision: Precision, num_classes: int, keep: int = 16
 ) -> Scores:
     """Accuracy, mean loss and confusion matrix over the whole set, each process scoring its
-    own share; and the first ``keep`` images of this process's share, for a figure."""
+    own share; and the first ``keep`` images of this process's share, for a figure. The model
+    is left in the mode it came in."""
+    was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # correct, loss sum
     count = 0  # counted on the host, so that no batch waits for the device
@@ -71,7 +73,7 @@ def evaluate(
         confusion.scatter_add_(0, cells, torch.ones_like(cells))
         if sum(len(k[0]) for k in kept) < keep:
             kept.append((x[:keep].cpu(), pred[:keep].cpu(), y[:keep].cpu()))
-    model.train()
+    model.train(was_training)
     totals = torch.cat((totals, totals.new_tensor([count])))
     correct, loss, count = dist.all_reduce_sum(totals).tolist()
     confusion = dist.all_reduce_sum(confusion).view(num_classes, num_classes).cpu().numpy()

@@ -2,7 +2,7 @@
 
 Shared by ``evaluate.py``, ``predict.py`` and ``visualize_attention.py``:
 
-* ``open_checkpoint`` reads either file that ``train.py`` writes (``models.checkpoint``): a
+* ``open_checkpoint`` reads either file that ``train.py`` writes (``utils.run_files``): a
   ``<name>_checkpoint.bin`` state_dict (the reference's format) with the ``.json`` of model flags
   and class names beside it, or a ``<name>_last.pt`` training state;
 * ``resolve_flags`` / ``class_names`` complete the command line from what the checkpoint records;
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.checkpoint import load_resized, read_checkpoint
+from models.checkpoint import load_resized
 from models.configs import CONFIGS, ConfigOverrideError, apply_overrides, flat_fields
 from models.errors import UsageError, one_line
 from models.modeling import VisionTransformer, uncovered_pixels
@@ -38,6 +38,7 @@ from models.npz_io import CheckpointError, describe_keys
 from utils.class_names import CLASS_NAMES
 from utils.data import normalize, resize
 from utils.device import resolve_device
+from utils.run_files import read_weights
 
 _HEAD = "head.weight"
 _EMBED = "transformer.embeddings."
@@ -118,7 +119,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise UsageError(f"--checkpoint {path}: no such file")
     try:
-        state_dict, meta = read_checkpoint(path)
+        state_dict, meta = read_weights(path)
     except CheckpointError:
         if zipfile.is_zipfile(path):
             raise

@@ -1,12 +1,15 @@
-"""DataLoaders whose workers survive a signal sent to the whole job (see utils.signals)."""
+"""Where batches come from: DataLoader workers that survive a signal sent to the whole job (see
+utils.signals), or the device itself (utils.device_data)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from utils.data import unwrap_subset
+from utils.device_data import DeviceBatches, DeviceEvalBatches
 from utils.signals import ignore_stop_signals, stop_signals_blocked
 
 
@@ -35,3 +38,21 @@ def make_loader(
         generator=torch.Generator().manual_seed(seed),
         **kwargs,
     )
+
+
+def evaluation_batches(
+    dataset: Dataset,
+    share: Sequence[int],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    copies: dict | None,
+) -> DataLoader | DeviceEvalBatches:
+    """Batches of the items ``share`` of ``dataset``, in order: made on the device from its
+    uint8 images when ``copies`` (the device copies shared by a run's sets) is given, else by
+    DataLoader workers."""
+    if copies is None:
+        return make_loader(Subset(dataset, share), num_workers, device, batch_size=batch_size)
+    base, indices = unwrap_subset(dataset)
+    on_device = DeviceBatches.from_dataset(base, device, copies)
+    return DeviceEvalBatches(on_device, [indices[i] for i in share], batch_size)
