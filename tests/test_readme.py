@@ -1,6 +1,7 @@
-"""The README's command blocks, run as written, in order, in one folder laid out like a checkout.
+"""The command blocks of the README and of docs/, run as written, in reading order, in one folder
+laid out like a checkout.
 
-Every ```bash and ```python block of the README carries a marker on the line above it:
+Every ```bash and ```python block of these pages carries a marker on the line above it:
 ``<!-- readme-test: run ... -->`` or ``<!-- readme-test: skip, <why> -->``. Run blocks execute in
 a fresh folder with the scripts linked in, ``../shared/cifar10-subset`` beside it, and every
 download served from 127.0.0.1 through the documented mirror variables: a ViT-B_16 ``.npz`` in
@@ -34,7 +35,8 @@ from tests.helpers import Handler, make_archive, write_cifar, write_cifar10
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
+DOCS = ("training.md", "inspect.md", "models.md", "flags.md", "PERFORMANCE.md")
+PAGES = [REPO / "README.md", *(REPO / "docs" / page for page in DOCS)]
 LINKED = ("train.py", "evaluate.py", "predict.py", "visualize_attention.py", "export.py",
           "models", "utils", "bench", "requirements.txt", "requirements-dev.txt")  # fmt: skip
 
@@ -60,7 +62,7 @@ pip() { echo "readme-test: pip $* left to CI, which installs into a fresh venv";
 
 @dataclass(frozen=True)
 class Block:
-    line: int
+    line: str  # page:line
     language: str
     marker: str
     code: str
@@ -71,7 +73,14 @@ class Block:
 
 
 def readme_blocks() -> list[Block]:
-    lines = README.read_text().splitlines()
+    """The blocks of the README, then of docs/ in reading order (later ones use what earlier
+    ones wrote: the inspection commands the smoke test's model, for instance)."""
+    return [block for page in PAGES for block in page_blocks(page)]
+
+
+def page_blocks(page: Path) -> list[Block]:
+    lines = page.read_text().splitlines()
+    name = page.relative_to(REPO)
     blocks = []
     for i, line in enumerate(lines):
         fence = re.fullmatch(r"```(bash|python)", line)
@@ -80,7 +89,12 @@ def readme_blocks() -> list[Block]:
         end = lines.index("```", i + 1)
         marker = re.fullmatch(r"<!-- readme-test: (.*) -->", lines[i - 1]) if i else None
         blocks.append(
-            Block(i + 1, fence[1], marker[1] if marker else "", "\n".join(lines[i + 1 : end]))
+            Block(
+                f"{name}:{i + 1}",
+                fence[1],
+                marker[1] if marker else "",
+                "\n".join(lines[i + 1 : end]),
+            )  # fmt: skip
         )
     return blocks
 
@@ -91,10 +105,11 @@ BLOCKS = readme_blocks()
 def test_every_command_block_says_whether_it_runs() -> None:
     for block in BLOCKS:
         assert re.match(r"run\b|skip, \S", block.marker), (
-            f"README.md line {block.line}: put <!-- readme-test: run --> or "
+            f"{block.line}: put <!-- readme-test: run --> or "
             "<!-- readme-test: skip, <why> --> on the line above the block"
         )
     assert sum(b.runs for b in BLOCKS) >= 8
+    assert sorted(DOCS) == sorted(p.name for p in (REPO / "docs").glob("*.md")), "a page unread"
 
 
 @pytest.fixture(scope="module")
@@ -173,13 +188,13 @@ def run_block(block: Block, work: Path, env: dict[str, str]) -> subprocess.Compl
 
 
 @pytest.mark.parametrize(
-    "block", [b for b in BLOCKS if b.runs], ids=[f"line{b.line}" for b in BLOCKS if b.runs]
+    "block", [b for b in BLOCKS if b.runs], ids=[b.line for b in BLOCKS if b.runs]
 )
 def test_readme_block_runs_as_written(block: Block, checkout: Path, served) -> None:
     made, env = served
     result = run_block(block, checkout, env)
     assert result.returncode == 0, (
-        f"README.md line {block.line} failed:\n{block.code}\n--- stderr\n{result.stderr[-4000:]}"
+        f"{block.line} failed:\n{block.code}\n--- stderr\n{result.stderr[-4000:]}"
     )
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
     if "--name cifar10-100_500 --model_type ViT-B_16" in block.code:
