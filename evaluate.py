@@ -23,14 +23,14 @@ from utils.cli import (
     add_model_args,
     run_main,
 )
-from utils.data import CIFAR, ensure_cifar
-from utils.datasets import load_test_set
-from utils.device_data import use_device_data
-from utils.engine import evaluate
-from utils.figures import confusion_matrix_image, save_png
-from utils.inference import load_from_args
-from utils.loader import evaluation_batches
-from utils.precision import Precision
+from utils.data.cifar import CIFAR, ensure_cifar
+from utils.data.datasets import load_test_set
+from utils.data.device_batches import use_device_data
+from utils.data.loader import evaluation_batches
+from utils.inspection.figures import confusion_matrix_image, save_png
+from utils.inspection.inference import load_from_args
+from utils.training.engine import evaluate
+from utils.training.precision import Precision
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,9 +16,9 @@ import numpy as np
 
 from models.errors import UsageError
 from models.npz_io import export_npz_weights
-from utils.checkpoint import atomic_write
 from utils.cli import Parser, add_checkpoint_args, add_model_args, run_main
-from utils.inference import load_from_args
+from utils.inspection.inference import load_from_args
+from utils.training.checkpoint import atomic_write
 
 
 def build_parser() -> argparse.ArgumentParser:

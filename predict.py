@@ -18,7 +18,7 @@ from PIL import Image
 
 from models.errors import UsageError
 from utils.cli import Parser, add_checkpoint_args, add_model_args, run_main
-from utils.inference import load_from_args, load_image, preprocess, top_k
+from utils.inspection.inference import load_from_args, load_image, preprocess, top_k
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,10 +26,8 @@ from models.errors import UsageError
 from models.modeling import CONFIGS, VisionTransformer, uncovered_pixels
 from models.npz_io import read_npz
 from models.pretrained import BUCKET, MIRROR_VARIABLE, default_filename, describe, official_url
-from utils import distributed as dist
-from utils.checkpoint import rng_state, set_rng_state
 from utils.cli import Parser, add_data_on_device_arg, add_model_args, run_main
-from utils.data import (
+from utils.data.cifar import (
     CIFAR,
     GlobalBatchSampler,
     KeyedSubset,
@@ -37,19 +35,21 @@ from utils.data import (
     shard_indices,
     unwrap_subset,
 )
-from utils.datasets import DATASETS, RunData, build_datasets
-from utils.device_data import DeviceBatches, use_device_data
-from utils.download import DownloadError, download_file
-from utils.engine import evaluate, train_step
-from utils.figures import log_eval_images
-from utils.loader import evaluation_batches
-from utils.loader import make_loader as worker_loader
-from utils.logger import Meter, Reporter, setup_logging
-from utils.memory import GIB, available_bytes, measure_step
-from utils.precision import Precision
-from utils.run_files import RunFiles, TrainingState, read_weights
-from utils.scheduler import build_scheduler
-from utils.signals import StopRequest
+from utils.data.datasets import DATASETS, RunData, build_datasets
+from utils.data.device_batches import DeviceBatches, use_device_data
+from utils.data.download import DownloadError, download_file
+from utils.data.loader import evaluation_batches
+from utils.data.loader import make_loader as worker_loader
+from utils.inspection.figures import log_eval_images
+from utils.training import distributed as dist
+from utils.training.checkpoint import rng_state, set_rng_state
+from utils.training.engine import evaluate, train_step
+from utils.training.logger import Meter, Reporter, setup_logging
+from utils.training.memory import GIB, available_bytes, measure_step
+from utils.training.precision import Precision
+from utils.training.run_files import RunFiles, TrainingState, read_weights
+from utils.training.scheduler import build_scheduler
+from utils.training.signals import StopRequest
 
 log = logging.getLogger("vit")
 # A step that the fp16 scaler skips makes PyTorch think the scheduler ran first; it did not.
@@ -331,7 +331,7 @@ def training_batches(
 
     With ``copies`` (a dict shared by the run's device sets) the uint8 images live on the device
     and each batch is cropped, resized and normalised there in one pass
-    (``utils.device_data``); workers only draw the crop boxes. Otherwise workers decode and
+    (``utils.data.device_batches``); workers only draw the crop boxes. Otherwise workers decode and
     transform every image.
     """
     if copies is None:

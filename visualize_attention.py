@@ -13,8 +13,8 @@ from pathlib import Path
 
 from models.errors import UsageError
 from utils.cli import Parser, add_checkpoint_args, add_model_args, run_main
-from utils.inference import load_from_args, load_image, preprocess
-from utils.rollout import overlay_heatmap, rollout_masks
+from utils.inspection.inference import load_from_args, load_image, preprocess
+from utils.inspection.rollout import overlay_heatmap, rollout_masks
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,9 +10,9 @@ and a 10-class head: ours, timm's ViT, torchvision's ViT and the reference ViT-p
 source from --reference_path, else a stand-in rebuilt from its architecture). Each is timed on
 the same pre-made on-device batch for a "model train step" (forward, cross-entropy, backward,
 gradient clipping, SGD with momentum) and an "eval step" (no_grad forward). Ours is also timed
-for a "full train step", the batch made by utils.device_data from the uint8 data set, and the data
-path alone. Warm-up steps are not timed; the device is synchronised before each clock reading;
-the models take turns for --repeats rounds and the median of each figure is reported.
+for a "full train step", the batch made by utils.data.device_batches from the uint8 data set, and
+the data path alone. Warm-up steps are not timed; the device is synchronised before each clock
+reading; the models take turns for --repeats rounds and the median of each figure is reported.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ from models.configs import apply_overrides
 from models.errors import UsageError
 from models.modeling import CONFIGS, VisionTransformer
 from utils.cli import Parser, run_main
-from utils.data import GlobalBatchSampler
-from utils.device import resolve_device
-from utils.device_data import DeviceBatches
-from utils.memory import activation_bytes
-from utils.precision import Precision
+from utils.data.cifar import GlobalBatchSampler
+from utils.data.device_batches import DeviceBatches
+from utils.training.device import resolve_device
+from utils.training.memory import activation_bytes
+from utils.training.precision import Precision
 
 NO_DROPOUT = ["transformer.dropout_rate=0", "transformer.attention_dropout_rate=0"]
 TIMM_NAMES = {

@@ -1,7 +1,7 @@
 """Loading our own checkpoints' weights at any ``img_size``.
 
 The position embedding is resized as for Google's files, so a model fine-tuned at 224 px can be
-evaluated or tuned further at 384 px. The files themselves are read by ``utils.run_files``.
+evaluated or tuned further at 384 px. The files themselves are read by ``utils.training.run_files``.
 """
 
 from __future__ import annotations

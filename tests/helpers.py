@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data import CIFAR
+from utils.data.cifar import CIFAR
 
 SUBSET = Path(
     os.environ.get(

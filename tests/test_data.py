@@ -1,4 +1,4 @@
-"""Tests for utils/data.py and utils/download.py: reading, downloading, transforms and sampling.
+"""utils/data/cifar.py and utils/data/download.py: reading, downloading, transforms, sampling.
 
 Network tests talk only to an HTTP server on 127.0.0.1 started here; nothing leaves the machine.
 """
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
 from tests.helpers import SPEC, listing, make_archive, md5_of, write_cifar10, write_pickle
-from utils.data import (
+from utils.data.cifar import (
     CifarArrays,
     CifarDataset,
     DataError,
@@ -29,7 +29,7 @@ from utils.data import (
     sample_crop_box,
     shard_indices,
 )
-from utils.download import DownloadError, download_file
+from utils.data.download import DownloadError, download_file
 
 SCALE, RATIO = (0.05, 1.0), (3 / 4, 4 / 3)
 
@@ -440,7 +440,7 @@ def test_resize_is_torchvisions_for_float_images(size: int) -> None:
     import torchvision.transforms.v2.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    from utils.data import resize
+    from utils.data.cifar import resize
 
     generator = torch.Generator().manual_seed(size)
     image = torch.randint(0, 256, (3, 32, 48), generator=generator).float()

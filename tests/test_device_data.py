@@ -1,4 +1,4 @@
-"""Tests for utils/device_data.py on CPU tensors: the device path equals the CifarDataset path.
+"""utils/data/device_batches.py on CPU tensors: the device path equals the CifarDataset path.
 
 The device path is checked three ways: per-pixel against CifarDataset for the same keys (up- and
 downsampling), crop boxes read back from coordinate images, and crop statistics against
@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
-from utils.data import CifarArrays, CifarDataset, DataError, GlobalBatchSampler
-from utils.device_data import DeviceBatches, resize_weights, use_device_data
-from utils.image_folder import ImageFolderDataset
+from utils.data.cifar import CifarArrays, CifarDataset, DataError, GlobalBatchSampler
+from utils.data.device_batches import DeviceBatches, resize_weights, use_device_data
+from utils.data.image_folder import ImageFolderDataset
 
 CLASSES = list("abcdefghij")
 

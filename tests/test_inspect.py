@@ -20,11 +20,10 @@ from models.configs import CONFIGS, apply_overrides
 from models.errors import UsageError
 from models.modeling import VisionTransformer
 from tests.test_train import REPO, SMALL_CONFIG, run_cli
-from utils.class_names import CIFAR10_CLASSES, CIFAR100_CLASSES
 from utils.cli import run_main
-from utils.data import CifarDataset, load_cifar
-from utils.engine import evaluate
-from utils.figures import (
+from utils.data.cifar import CifarDataset, load_cifar
+from utils.data.class_names import CIFAR10_CLASSES, CIFAR100_CLASSES
+from utils.inspection.figures import (
     GREEN,
     RED,
     confusion_matrix,
@@ -32,14 +31,15 @@ from utils.figures import (
     log_eval_images,
     prediction_grid,
 )
-from utils.inference import (
+from utils.inspection.inference import (
     class_names,
     load_checkpoint_model,
     open_checkpoint,
     preprocess,
 )
-from utils.precision import Precision
-from utils.rollout import attention_rollout, overlay_heatmap
+from utils.inspection.rollout import attention_rollout, overlay_heatmap
+from utils.training.engine import evaluate
+from utils.training.precision import Precision
 
 MODEL = ["--model_type", "testing", "--img_size", "32"]
 for _item in SMALL_CONFIG:
@@ -389,7 +389,7 @@ def test_log_eval_images_writes_image_summaries(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(
     "log_eval_images" not in (REPO / "train.py").read_text(),
-    reason="train.py does not call utils.figures.log_eval_images yet",
+    reason="train.py does not call utils.inspection.figures.log_eval_images yet",
 )
 def test_training_logs_eval_images_and_hparams(trained: Trained) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

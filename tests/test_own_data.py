@@ -17,10 +17,10 @@ from models.configs import CONFIGS, apply_overrides
 from models.modeling import VisionTransformer
 from models.npz_io import CheckpointError
 from tests.test_train import SMALL, SMALL_CONFIG, event_scalars, run_cli
-from utils.data import CifarArrays, CifarDataset, DataError, GlobalBatchSampler, split_indices
-from utils.datasets import build_datasets
-from utils.image_folder import scan_split
-from utils.run_files import read_weights
+from utils.data.cifar import CifarArrays, CifarDataset, DataError, GlobalBatchSampler, split_indices
+from utils.data.datasets import build_datasets
+from utils.data.image_folder import scan_split
+from utils.training.run_files import read_weights
 
 
 def write_image_folder(root: Path, classes=("cat", "dog", "fish"), per_class: int = 6) -> Path:

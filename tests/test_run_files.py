@@ -1,4 +1,4 @@
-"""The files of a run: written and read through utils.run_files, the old ones included.
+"""The files of a run: written and read through utils.training.run_files, the old ones included.
 
 ``tests/fixtures/main-223a0ec/`` holds the three files that main at commit 223a0ec wrote for
 ``train.py --name old --model_type testing --pretrained_dir none --img_size 16
@@ -17,7 +17,7 @@ import torch
 import evaluate
 import train
 from models.errors import UsageError
-from utils.run_files import RunFiles, TrainingState, read_weights
+from utils.training.run_files import RunFiles, TrainingState, read_weights
 
 OLD = Path(__file__).parent / "fixtures" / "main-223a0ec"
 FLAGS = ["--model_type", "testing", "--pretrained_dir", "none", "--img_size", "16",

@@ -22,9 +22,9 @@ import train
 from models.configs import CONFIGS, apply_overrides
 from models.modeling import VisionTransformer
 from tests.helpers import md5_of
-from utils import data as data_module
 from utils.cli import run_main
-from utils.scheduler import build_scheduler, warmup_cosine, warmup_linear
+from utils.data import cifar as data_module
+from utils.training.scheduler import build_scheduler, warmup_cosine, warmup_linear
 
 REPO = Path(__file__).resolve().parents[1]
 # A small ViT for 32 px: 8x8 patches of 4 px, width 64.
@@ -384,9 +384,9 @@ def test_evaluation_batches_on_the_device_are_the_workers(subset: Path) -> None:
     """Each rank's device-made evaluation batches hold the DataLoader's images and labels, the
     ranks together score every image once, and the validation split shares the training set's
     device copy."""
-    from utils.datasets import build_datasets
-    from utils.device_data import DeviceEvalBatches
-    from utils.distributed import Context
+    from utils.data.datasets import build_datasets
+    from utils.data.device_batches import DeviceEvalBatches
+    from utils.training.distributed import Context
 
     data = build_datasets("cifar10", subset, 40, seed=3, val_split=0.1, hflip=True)
     args = train.build_parser().parse_args(
@@ -476,7 +476,7 @@ def test_the_default_pretrained_dir_is_read_and_named(
 
 def test_mirrors_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from models.pretrained import official_url
-    from utils.data import archive_source
+    from utils.data.cifar import archive_source
 
     monkeypatch.delenv("VIT_CHECKPOINT_MIRROR", raising=False)
     monkeypatch.delenv("VIT_CIFAR_MIRROR", raising=False)
@@ -565,7 +565,7 @@ def test_cuda_asked_for_without_cuda_is_one_line(
 def test_files_get_the_mode_of_the_users_umask(tmp_path: Path, subset: Path, server) -> None:
     """Checkpoints, their metadata, exports and downloads: readable by a team with umask 002."""
     import export
-    from utils.download import download_file
+    from utils.data.download import download_file
 
     base, files = server
     files["/w.npz"] = b"weights"

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from models.configs import CONFIGS
 from models.errors import UserError
-from utils.datasets import DATASETS
+from utils.data.datasets import DATASETS
 
 
 class Parser(argparse.ArgumentParser):

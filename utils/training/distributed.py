@@ -15,7 +15,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from utils.device import resolve_device
+from utils.training.device import resolve_device
 
 T = TypeVar("T")
 

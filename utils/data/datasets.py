@@ -12,8 +12,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from utils.data import CIFAR, CifarDataset, DataError, KeyedSubset, load_cifar, split_indices
-from utils.image_folder import ImageFolderDataset, scan_split
+from utils.data.cifar import CIFAR, CifarDataset, DataError, KeyedSubset, load_cifar, split_indices
+from utils.data.image_folder import ImageFolderDataset, scan_split
 
 DATASETS = (*CIFAR, "imagefolder")
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.data import CifarDataset, DataError
+from utils.data.cifar import CifarDataset, DataError
 
 log = logging.getLogger("vit")
 

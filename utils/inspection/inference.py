@@ -2,7 +2,7 @@
 
 Shared by ``evaluate.py``, ``predict.py`` and ``visualize_attention.py``:
 
-* ``open_checkpoint`` reads either file that ``train.py`` writes (``utils.run_files``): a
+* ``open_checkpoint`` reads either file that ``train.py`` writes (``utils.training.run_files``): a
   ``<name>_checkpoint.bin`` state_dict (the reference's format) with the ``.json`` of model flags
   and class names beside it, or a ``<name>_last.pt`` training state;
 * ``resolve_flags`` / ``class_names`` complete the command line from what the checkpoint records;
@@ -35,10 +35,10 @@ from models.configs import CONFIGS, ConfigOverrideError, apply_overrides, flat_f
 from models.errors import UsageError, one_line
 from models.modeling import VisionTransformer, uncovered_pixels
 from models.npz_io import CheckpointError, describe_keys
-from utils.class_names import CLASS_NAMES
-from utils.data import normalize, resize
-from utils.device import resolve_device
-from utils.run_files import read_weights
+from utils.data.cifar import normalize, resize
+from utils.data.class_names import CLASS_NAMES
+from utils.training.device import resolve_device
+from utils.training.run_files import read_weights
 
 _HEAD = "head.weight"
 _EMBED = "transformer.embeddings."

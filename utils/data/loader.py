@@ -1,5 +1,5 @@
 """Where batches come from: DataLoader workers that survive a signal sent to the whole job (see
-utils.signals), or the device itself (utils.device_data)."""
+utils.training.signals), or the device itself (utils.data.device_batches)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from utils.data import unwrap_subset
-from utils.device_data import DeviceBatches, DeviceEvalBatches
-from utils.signals import ignore_stop_signals, stop_signals_blocked
+from utils.data.cifar import unwrap_subset
+from utils.data.device_batches import DeviceBatches, DeviceEvalBatches
+from utils.training.signals import ignore_stop_signals, stop_signals_blocked
 
 
 class WorkerLoader(DataLoader):

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from utils import distributed as dist
-from utils.precision import Precision
+from utils.training import distributed as dist
+from utils.training.precision import Precision
 
 
 def train_step(model, batch, optimizer, scaler, precision: Precision, accum: int, max_norm: float):

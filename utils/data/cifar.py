@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from models.errors import UserError, one_line
-from utils.checkpoint import share_as_usual
-from utils.download import DownloadError, download_file
+from utils.data.download import DownloadError, download_file
+from utils.training.checkpoint import share_as_usual
 
 
 @dataclass(frozen=True)

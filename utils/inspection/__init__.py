@@ -1,0 +1,2 @@
+"""What the scripts that use a trained model share: opening its checkpoint, figures, attention
+rollout."""
