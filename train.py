@@ -27,19 +27,13 @@ from models.modeling import CONFIGS, VisionTransformer, uncovered_pixels
 from models.npz_io import read_npz
 from models.pretrained import BUCKET, MIRROR_VARIABLE, default_filename, describe, official_url
 from utils.cli import Parser, add_data_on_device_arg, add_model_args, run_main
-from utils.data.cifar import (
-    CIFAR,
-    GlobalBatchSampler,
-    KeyedSubset,
-    ensure_cifar,
-    shard_indices,
-    unwrap_subset,
-)
+from utils.data.cifar import CIFAR, ensure_cifar
 from utils.data.datasets import DATASETS, RunData, build_datasets
 from utils.data.device_batches import DeviceBatches, use_device_data
 from utils.data.download import DownloadError, download_file
 from utils.data.loader import evaluation_batches
 from utils.data.loader import make_loader as worker_loader
+from utils.data.sampling import GlobalBatchSampler, KeyedSubset, shard_indices, unwrap_subset
 from utils.inspection.figures import log_eval_images
 from utils.training import distributed as dist
 from utils.training.checkpoint import rng_state, set_rng_state

@@ -42,8 +42,8 @@ from models.configs import apply_overrides
 from models.errors import UsageError
 from models.modeling import CONFIGS, VisionTransformer
 from utils.cli import Parser, run_main
-from utils.data.cifar import GlobalBatchSampler
 from utils.data.device_batches import DeviceBatches
+from utils.data.sampling import GlobalBatchSampler
 from utils.training.device import resolve_device
 from utils.training.memory import activation_bytes
 from utils.training.precision import Precision

@@ -19,17 +19,10 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
 from tests.helpers import SPEC, listing, make_archive, md5_of, write_cifar10, write_pickle
-from utils.data.cifar import (
-    CifarArrays,
-    CifarDataset,
-    DataError,
-    GlobalBatchSampler,
-    ensure_cifar,
-    load_cifar,
-    sample_crop_box,
-    shard_indices,
-)
+from utils.data.augment import CifarDataset, sample_crop_box
+from utils.data.cifar import CifarArrays, DataError, ensure_cifar, load_cifar
 from utils.data.download import DownloadError, download_file
+from utils.data.sampling import GlobalBatchSampler, shard_indices
 
 SCALE, RATIO = (0.05, 1.0), (3 / 4, 4 / 3)
 
@@ -440,7 +433,7 @@ def test_resize_is_torchvisions_for_float_images(size: int) -> None:
     import torchvision.transforms.v2.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    from utils.data.cifar import resize
+    from utils.data.augment import resize
 
     generator = torch.Generator().manual_seed(size)
     image = torch.randint(0, 256, (3, 32, 48), generator=generator).float()

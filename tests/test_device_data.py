@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
-from utils.data.cifar import CifarArrays, CifarDataset, DataError, GlobalBatchSampler
+from utils.data.augment import CifarDataset
+from utils.data.cifar import CifarArrays, DataError
 from utils.data.device_batches import DeviceBatches, resize_weights, use_device_data
 from utils.data.image_folder import ImageFolderDataset
+from utils.data.sampling import GlobalBatchSampler
 
 CLASSES = list("abcdefghij")
 

@@ -21,7 +21,8 @@ from models.errors import UsageError
 from models.modeling import VisionTransformer
 from tests.test_train import REPO, SMALL_CONFIG, run_cli
 from utils.cli import run_main
-from utils.data.cifar import CifarDataset, load_cifar
+from utils.data.augment import CifarDataset
+from utils.data.cifar import load_cifar
 from utils.data.class_names import CIFAR10_CLASSES, CIFAR100_CLASSES
 from utils.inspection.figures import (
     GREEN,

@@ -17,9 +17,11 @@ from models.configs import CONFIGS, apply_overrides
 from models.modeling import VisionTransformer
 from models.npz_io import CheckpointError
 from tests.test_train import SMALL, SMALL_CONFIG, event_scalars, run_cli
-from utils.data.cifar import CifarArrays, CifarDataset, DataError, GlobalBatchSampler, split_indices
+from utils.data.augment import CifarDataset
+from utils.data.cifar import CifarArrays, DataError
 from utils.data.datasets import build_datasets
 from utils.data.image_folder import scan_split
+from utils.data.sampling import GlobalBatchSampler, split_indices
 from utils.training.run_files import read_weights
 
 

@@ -1,36 +1,23 @@
-"""CIFAR-10/100: finding or downloading the data, reading it, and reproducible training batches.
+"""CIFAR-10/100: finding or downloading the data, and reading it.
 
-Three concerns, kept independent of the model and of the training script:
-
-* ``ensure_cifar`` / ``load_cifar``: our own reader for the "python version" pickles. It accepts any
-  number of images per batch file (the test subset is smaller than the official files and does not
-  match their MD5s) and turns every problem into a one-line :class:`DataError` naming the file.
-* ``CifarDataset``: the reference ViT-pytorch transforms on uint8 tensors. The training crop is
-  drawn from a generator seeded by ``(seed, epoch, index)``, so an image's augmentation depends
-  neither on the number of processes or data-loader workers nor on anything using global RNG.
-* ``GlobalBatchSampler`` / ``shard_indices``: every rank walks the same stream of global batches and
-  takes its own slice, so a run on 1, 2 or 4 GPUs, or one resumed at step ``s``, sees the same data.
+``ensure_cifar`` / ``load_cifar`` are our own reader for the "python version" pickles. It accepts
+any number of images per batch file (the test subset is smaller than the official files and does
+not match their MD5s) and turns every problem into a one-line :class:`DataError` naming the file.
+The transforms are in ``utils.data.augment``, the order of the images in ``utils.data.sampling``.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import math
-import operator
 import os
 import pickle
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
 
 from models.errors import UserError, one_line
 from utils.data.download import DownloadError, download_file
@@ -100,7 +87,6 @@ def archive_source(spec: CifarSpec) -> tuple[str, str]:
 
 
 IMAGE_SHAPE = (3, 32, 32)  # CHW, as stored in each row of the pickles
-MEAN, STD = 0.5, 0.5  # per channel, on [0, 1] pixels, as the reference ViT-pytorch
 
 
 class DataError(UserError):
@@ -310,246 +296,3 @@ def ensure_cifar(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         archive.unlink(missing_ok=True)
     return folder
-
-
-# ---------------------------------------------------------------------------------------------
-# Transforms and the dataset
-
-
-def mix_seed(*values: int | str) -> int:
-    """Hash a tuple of ints/strings into a 63-bit seed, the same in every process and Python run.
-
-    (Python's ``hash`` is salted per process for strings, and ``seed + epoch`` style sums collide.)
-    Integers are canonicalised first, so ``np.int64(3)`` and ``torch.tensor(3)`` mix like ``3``.
-    """
-    canonical = tuple(v if isinstance(v, str) else operator.index(v) for v in values)
-    digest = hashlib.blake2b(repr(canonical).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def sample_crop_box(
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    generator: torch.Generator,
-) -> tuple[int, int, int, int]:
-    """torchvision's ``RandomResizedCrop.get_params``, drawing from ``generator``.
-
-    Returns ``(top, left, h, w)``. Up to ten tries at an area fraction uniform in ``scale`` and an
-    aspect ratio log-uniform in ``ratio``; if none fits, the largest central crop within ``ratio``.
-    The draws are made in torchvision's order, so with equally seeded generators the boxes match.
-    """
-    area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        log_r = torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)
-        aspect_ratio = torch.exp(log_r).item()
-        w = int(round(math.sqrt(target_area * aspect_ratio)))
-        h = int(round(math.sqrt(target_area / aspect_ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
-            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """A float (3, H, W) image resized to (3, size, size): bilinear with antialiasing, what
-    torchvision's ``resize`` computes for float tensors (without importing torchvision, which
-    costs every script a second and a half at start)."""
-    if image.shape[-2:] == (size, size):
-        return image
-    return F.interpolate(
-        image[None], (size, size), mode="bilinear", align_corners=False, antialias=True
-    )[0]
-
-
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """Map float pixels in [0, 255] to [-1, 1] (mean 0.5, std 0.5 on [0, 1]), clamping rounding."""
-    return image.div(255 * STD).sub_(MEAN / STD).clamp_(-1.0, 1.0)
-
-
-class CifarDataset(Dataset):
-    """CIFAR images as normalised float32 (3, img_size, img_size) tensors with int labels.
-
-    Keys: ``(index, epoch)`` for training, whose random crop (and flip, with ``hflip``) comes only
-    from ``(seed, epoch, index)``; for evaluation a plain ``index`` (or ``(index, epoch)``, epoch
-    ignored). Resizing is done in float32 so that upsampling 32 px to 224 px keeps sub-level
-    precision. Subclasses read other sources by overriding ``load``.
-    """
-
-    SCALE = (0.05, 1.0)  # RandomResizedCrop area range of the reference ViT-pytorch
-    RATIO = (3 / 4, 4 / 3)
-
-    def __init__(
-        self, arrays: CifarArrays, img_size: int, train: bool, seed: int = 0, hflip: bool = False
-    ) -> None:
-        # (N, 32, 32, 3) HWC numpy -> (N, 3, 32, 32) CHW tensor, contiguous so workers share pages
-        self.images = torch.from_numpy(arrays.images).permute(0, 3, 1, 2).contiguous()
-        self.labels = arrays.labels.tolist()
-        self.classes = list(arrays.classes)
-        self.img_size = img_size
-        self.train = train
-        self.seed = seed
-        self.hflip = hflip
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def for_evaluation(self) -> CifarDataset:
-        """The same images (one tensor, shared) with the evaluation transform."""
-        plain = copy.copy(self)
-        plain.train, plain.hflip = False, False
-        return plain
-
-    def load(self, index: int) -> torch.Tensor:
-        """Image ``index`` as a uint8 (3, H, W) tensor."""
-        return self.images[index]
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        if isinstance(key, tuple):
-            index, epoch = map(operator.index, key)
-        elif self.train:
-            raise TypeError(
-                "a training CifarDataset needs (index, epoch) keys so that its augmentation is "
-                "reproducible; use GlobalBatchSampler as the DataLoader's batch_sampler"
-            )
-        else:
-            index, epoch = operator.index(key), 0
-        image = self.load(index).float()  # (3, H, W), values 0..255
-        if self.train:
-            generator = torch.Generator().manual_seed(mix_seed("crop", self.seed, epoch, index))
-            top, left, h, w = sample_crop_box(*image.shape[-2:], self.SCALE, self.RATIO, generator)
-            image = resize(image[:, top : top + h, left : left + w], self.img_size)
-            # Drawn after the box, so that the crops are the same with and without --hflip.
-            if self.hflip and torch.rand(1, generator=generator).item() < 0.5:
-                image = image.flip(-1)
-        else:
-            image = resize(image, self.img_size)
-        return normalize(image), self.labels[index]
-
-
-class KeyedSubset(Dataset):
-    """The items ``indices`` of a dataset, passing ``(index, epoch)`` keys through.
-
-    Augmentation stays keyed by the underlying image's index, so a sample keeps its crops
-    whichever split it lands in.
-    """
-
-    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
-        self.dataset, self.indices = dataset, list(indices)
-        self.classes = getattr(dataset, "classes", None)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        if isinstance(key, tuple):
-            return self.dataset[(self.indices[key[0]], key[1])]
-        return self.dataset[self.indices[key]]
-
-
-def unwrap_subset(dataset: Dataset) -> tuple[Dataset, list[int]]:
-    """The data set under a KeyedSubset and the indices into it (all of them for a plain set)."""
-    if isinstance(dataset, KeyedSubset):
-        return dataset.dataset, dataset.indices
-    return dataset, list(range(len(dataset)))
-
-
-def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, validation) index lists: a fixed ``fraction`` held out, chosen by ``seed`` alone.
-
-    The same on every process and for every world size; both lists sorted.
-    """
-    if not 0 <= fraction < 1:
-        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
-    n_val = round(n * fraction)
-    if fraction > 0 and not 0 < n_val < n:
-        raise ValueError(f"a validation fraction of {fraction} of {n} images leaves a split empty")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed("val", seed)))
-    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
-
-
-# ---------------------------------------------------------------------------------------------
-# Which samples each process sees
-
-
-class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
-    """An endless stream of global batches, of which each rank yields its own contiguous slice.
-
-    Epoch ``e`` is a permutation of ``range(dataset_len)`` drawn from ``(seed, e)``, cut into
-    ``steps_per_epoch`` global batches (the incomplete last one dropped). Global step ``k`` is
-    batch ``k % steps_per_epoch`` of epoch ``k // steps_per_epoch``, whatever the world size, and
-    iteration starts at ``start_step`` so that a resumed run continues the same stream. Items are
-    ``(index, epoch)`` keys for :class:`CifarDataset`. Use as a DataLoader's ``batch_sampler``.
-    """
-
-    def __init__(
-        self,
-        dataset_len: int,
-        global_batch: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        start_step: int = 0,
-    ) -> None:
-        super().__init__()
-        if global_batch % world_size:
-            raise ValueError(
-                f"global batch {global_batch} is not divisible by world size {world_size}"
-            )
-        if not 0 < global_batch <= dataset_len:
-            raise ValueError(f"global batch {global_batch} must be in [1, {dataset_len}]")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside [0, {world_size})")
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
-        self.dataset_len = dataset_len
-        self.global_batch = global_batch
-        self.local_batch = global_batch // world_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.start_step = start_step
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.dataset_len // self.global_batch
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        """The sample order of ``epoch``, identical on every rank."""
-        generator = torch.Generator().manual_seed(mix_seed("order", self.seed, epoch))
-        return torch.randperm(self.dataset_len, generator=generator)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        step = self.start_step
-        epoch, order = -1, torch.empty(0, dtype=torch.long)
-        while True:
-            step_epoch, k = divmod(step, self.steps_per_epoch)
-            if step_epoch != epoch:
-                epoch, order = step_epoch, self.permutation(step_epoch)
-            start = k * self.global_batch + self.rank * self.local_batch
-            yield [(i, epoch) for i in order[start : start + self.local_batch].tolist()]
-            step += 1
-
-
-def shard_indices(n: int, rank: int, world_size: int) -> range:
-    """This rank's contiguous share of ``range(n)`` for evaluation: every index exactly once.
-
-    Shares differ in length by at most one (the first ``n % world_size`` ranks get one more), and
-    there is no padding, so summing per-rank correct counts gives the exact accuracy.
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside [0, {world_size})")
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))

@@ -12,8 +12,10 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from utils.data.cifar import CIFAR, CifarDataset, DataError, KeyedSubset, load_cifar, split_indices
+from utils.data.augment import CifarDataset
+from utils.data.cifar import CIFAR, DataError, load_cifar
 from utils.data.image_folder import ImageFolderDataset, scan_split
+from utils.data.sampling import KeyedSubset, split_indices
 
 DATASETS = (*CIFAR, "imagefolder")
 

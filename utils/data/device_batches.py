@@ -1,6 +1,6 @@
 """Training and evaluation batches made on the device from the uint8 data set kept there.
 
-The CPU path (:class:`utils.data.cifar.CifarDataset` in DataLoader workers) crops, resizes and
+The CPU path (:class:`utils.data.augment.CifarDataset` in DataLoader workers) crops, resizes and
 normalises one image at a time and copies float32 images to the GPU: 600 KB per image at 224 px.
 Here the whole uint8 set (150 MB for CIFAR) lives on the device and a batch is made in one batched
 pass:
@@ -14,7 +14,7 @@ pass:
    hold the weights of PyTorch's antialiased bilinear resize (``F.interpolate(mode="bilinear",
    antialias=True)``, which torchvision's ``resized_crop`` calls). The result is the CPU path's
    image up to float rounding, for upsampling and for downsampling alike.
-3. Normalisation to [-1, 1] with ``utils.data.cifar.normalize``.
+3. Normalisation to [-1, 1] with ``utils.data.augment.normalize``.
 
 Nothing in :meth:`DeviceBatches.train_batch` waits for the device.
 """
@@ -28,13 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from utils.data.cifar import CifarDataset, DataError, mix_seed, normalize, sample_crop_box
+from utils.data.augment import CifarDataset, mix_seed, normalize, sample_crop_box
+from utils.data.cifar import DataError
 
 
 class CropBoxes(Dataset):
     """``(index, epoch) -> int64 [index, top, left, h, w, flip]``: CifarDataset's training crop.
 
-    Use it as a DataLoader's dataset with :class:`utils.data.cifar.GlobalBatchSampler` as the
+    Use it as a DataLoader's dataset with :class:`utils.data.sampling.GlobalBatchSampler` as the
     batch_sampler: batches are then (B, 6) tensors drawn in worker processes, pinned if asked.
     """
 
@@ -83,7 +84,7 @@ def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_
 class DeviceBatches:
     """A uint8 image set and its labels on ``device``, made into normalised float32 batches.
 
-    ``train_batch`` takes the keys a :class:`utils.data.cifar.GlobalBatchSampler` yields (or the
+    ``train_batch`` takes the keys a :class:`utils.data.sampling.GlobalBatchSampler` yields (or the
     (B, 6) boxes a DataLoader over :attr:`crop_boxes` yields) and returns what a DataLoader over
     ``CifarDataset(arrays, img_size, train=True, seed)`` would return for them, already on the
     device. ``eval_batch`` does the same for the evaluation transform.

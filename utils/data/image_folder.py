@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.data.cifar import CifarDataset, DataError
+from utils.data.augment import CifarDataset
+from utils.data.cifar import DataError
 
 log = logging.getLogger("vit")
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from utils.data.cifar import unwrap_subset
 from utils.data.device_batches import DeviceBatches, DeviceEvalBatches
+from utils.data.sampling import unwrap_subset
 from utils.training.signals import ignore_stop_signals, stop_signals_blocked
 
 

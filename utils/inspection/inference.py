@@ -35,7 +35,7 @@ from models.configs import CONFIGS, ConfigOverrideError, apply_overrides, flat_f
 from models.errors import UsageError, one_line
 from models.modeling import VisionTransformer, uncovered_pixels
 from models.npz_io import CheckpointError, describe_keys
-from utils.data.cifar import normalize, resize
+from utils.data.augment import normalize, resize
 from utils.data.class_names import CLASS_NAMES
 from utils.training.device import resolve_device
 from utils.training.run_files import read_weights
