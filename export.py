@@ -17,8 +17,8 @@ import numpy as np
 from models.errors import UsageError
 from models.npz_io import export_npz_weights
 from utils.cli import Parser, add_checkpoint_args, add_model_args, run_main
+from utils.files import atomic_write
 from utils.inspection.inference import load_from_args
-from utils.training.checkpoint import atomic_write
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -132,12 +132,25 @@ class CifarDataset(Dataset):
             index, epoch = operator.index(key), 0
         image = self.load(index).float()  # (3, H, W), values 0..255
         if self.train:
-            generator = torch.Generator().manual_seed(mix_seed("crop", self.seed, epoch, index))
-            top, left, h, w = sample_crop_box(*image.shape[-2:], self.SCALE, self.RATIO, generator)
+            (top, left, h, w), flip = draw_augmentation(
+                self.seed, epoch, index, *image.shape[-2:], self.hflip
+            )
             image = resize(image[:, top : top + h, left : left + w], self.img_size)
-            # Drawn after the box, so that the crops are the same with and without --hflip.
-            if self.hflip and torch.rand(1, generator=generator).item() < 0.5:
+            if flip:
                 image = image.flip(-1)
         else:
             image = resize(image, self.img_size)
         return normalize(image), self.labels[index]
+
+
+def draw_augmentation(
+    seed: int, epoch: int, index: int, height: int, width: int, hflip: bool
+) -> tuple[tuple[int, int, int, int], bool]:
+    """The crop box (top, left, height, width) and the flip of one training sample, drawn from
+    a generator keyed by (seed, epoch, index) alone: the CPU path (``CifarDataset``) and the
+    device path (``utils.data.device_batches.CropBoxes``) both call this. The flip is drawn after
+    the box, so the crops are the same with and without --hflip."""
+    generator = torch.Generator().manual_seed(mix_seed("crop", seed, epoch, index))
+    box = sample_crop_box(height, width, CifarDataset.SCALE, CifarDataset.RATIO, generator)
+    flip = hflip and torch.rand(1, generator=generator).item() < 0.5
+    return box, flip

@@ -21,7 +21,7 @@ import numpy as np
 
 from models.errors import UserError, one_line
 from utils.data.download import DownloadError, download_file
-from utils.training.checkpoint import share_as_usual
+from utils.files import share_as_usual
 
 
 @dataclass(frozen=True)

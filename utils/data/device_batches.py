@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from utils.data.augment import CifarDataset, mix_seed, normalize, sample_crop_box
+from utils.data.augment import CifarDataset, draw_augmentation, normalize
 from utils.data.cifar import DataError
 
 
@@ -49,10 +49,7 @@ class CropBoxes(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         index, epoch = map(operator.index, key)
-        generator = torch.Generator().manual_seed(mix_seed("crop", self.seed, epoch, index))
-        box = sample_crop_box(*self.size, CifarDataset.SCALE, CifarDataset.RATIO, generator)
-        # The flip is drawn after the box from the same generator, as CifarDataset draws it.
-        flip = self.hflip and torch.rand(1, generator=generator).item() < 0.5
+        box, flip = draw_augmentation(self.seed, epoch, index, *self.size, self.hflip)
         return torch.tensor((index, *box, int(flip)))
 
     def batch(self, keys: Sequence[tuple[int, int]]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from models.errors import UserError
-from utils.training.checkpoint import atomic_write
+from utils.files import atomic_write
 
 CHUNK_SIZE = 1 << 20  # 1 MiB
 
@@ -60,7 +60,7 @@ def download_file(
     """Download ``url`` to ``dest`` atomically and return ``dest``.
 
     The body is streamed in 1 MiB chunks into a temporary file beside ``dest`` (see
-    :func:`utils.training.checkpoint.atomic_write`), hashed on the way, and renamed into place only
+    :func:`utils.files.atomic_write`), hashed on the way, and renamed into place only
     when it is complete and, if ``md5`` is given, its MD5 matches. On any failure the temporary file
     is removed and :class:`DownloadError` is raised with the cause chained. ``timeout`` bounds
     each blocking network operation (connect, each read), not the whole download.

@@ -21,7 +21,8 @@ import torch
 
 from models.errors import UsageError, one_line
 from models.npz_io import CheckpointError
-from utils.training.checkpoint import atomic_save, atomic_write
+from utils.files import atomic_write
+from utils.training.checkpoint import atomic_save
 
 # The flags a .bin's model is rebuilt from, and those a resumed run must repeat.
 MODEL_FLAGS = ("model_type", "config", "img_size", "dataset")
