@@ -235,6 +235,7 @@ def check_memory(model, args: argparse.Namespace, ctx: dist.Context, precision: 
     available = available_bytes(ctx.device)
     batch = args.train_batch_size
     micro = batch // args.gradient_accumulation_steps
+    needed = step.needed(micro)
     fixes, n = [], step.fewest_micro_batches(batch, available)
     if n is not None and n <= args.gradient_accumulation_steps:  # for an OOM the estimate missed
         accum = args.gradient_accumulation_steps
@@ -249,10 +250,10 @@ def check_memory(model, args: argparse.Namespace, ctx: dist.Context, precision: 
     fixes.append("a smaller --img_size")
     advice = (
         f"a step of {micro} images of {args.img_size} px ({args.model_type}, {precision.name}) "
-        f"needs about {step.needed(micro) / GIB:.1f} GiB, and {available / GIB:.1f} GiB of "
+        f"needs about {needed / GIB:.1f} GiB, and {available / GIB:.1f} GiB of "
         f"{ctx.device.type} memory are free; use " + ", or ".join(fixes)
     )
-    if dist.any_rank(step.needed(micro) > available, ctx.device):
+    if dist.any_rank(needed > available, ctx.device):
         raise UsageError(advice)
     return advice
 

@@ -63,7 +63,7 @@ def run_cli(tmp_path: Path, *args: str, script: str = "train.py") -> subprocess.
     return subprocess.run(
         [
             sys.executable,
-            *(["-m", script] if "." in script[:-3] else [str(REPO / script)]),
+            *([str(REPO / script)] if script.endswith(".py") else ["-m", script]),
             *defaults,
             *args,
         ],  # fmt: skip

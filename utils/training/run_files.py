@@ -26,7 +26,7 @@ from utils.training.checkpoint import atomic_save
 
 # The flags a .bin's model is rebuilt from, and those a resumed run must repeat.
 MODEL_FLAGS = ("model_type", "config", "img_size", "dataset")
-RESUME_FLAGS = ("model_type", "config", "img_size", "dataset", "seed")
+RESUME_FLAGS = (*MODEL_FLAGS, "seed")
 
 
 @dataclass
