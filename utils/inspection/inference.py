@@ -8,8 +8,8 @@ Shared by ``evaluate.py``, ``predict.py`` and ``visualize_attention.py``:
 * ``resolve_flags`` / ``class_names`` complete the command line from what the checkpoint records;
 * ``load_checkpoint_model`` builds the model from the flags and loads strictly. A checkpoint that
   does not fit raises one :class:`UsageError` line that names the first mismatched keys with their
-  shapes and the flags to pass instead (as recorded, or inferred from the weights of a bare
-  state_dict);
+  shapes and the flags to pass instead (as recorded, or, for a bare state_dict, inferred from
+  its shapes by ``utils.inspection.flag_hints``);
 * ``load_image`` / ``preprocess`` turn any image Pillow reads into the tensor the test transform
   of training makes: bilinear antialiased resize in float32, then [-1, 1];
 * ``top_k`` scores a batch of images exactly as training evaluates.
@@ -18,8 +18,6 @@ Shared by ``evaluate.py``, ``predict.py`` and ``visualize_attention.py``:
 from __future__ import annotations
 
 import argparse
-import math
-import re
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,19 +29,17 @@ import torch
 from PIL import Image
 
 from models.checkpoint import load_resized
-from models.configs import CONFIGS, ConfigOverrideError, apply_overrides, flat_fields
+from models.configs import CONFIGS, ConfigOverrideError, apply_overrides
 from models.errors import UsageError, one_line
 from models.modeling import VisionTransformer, uncovered_pixels
 from models.npz_io import CheckpointError, describe_keys
 from utils.data.augment import normalize, resize
 from utils.data.class_names import CLASS_NAMES
+from utils.inspection.flag_hints import config_differences, fitting_flags
 from utils.training.device import resolve_device
 from utils.training.run_files import read_weights
 
 _HEAD = "head.weight"
-_EMBED = "transformer.embeddings."
-_LAYER = re.compile(r"transformer\.encoder\.layer\.(\d+)\.")
-_UNIT = re.compile(r"transformer\.embeddings\.hybrid_model\.body\.block(\d+)\.unit(\d+)\.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,97 +170,6 @@ def class_names(checkpoint: Checkpoint, dataset: str) -> list[str]:
     return list(names if names is not None else known)
 
 
-def _architecture(state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
-    """The config fields (and img_size) that a ViT state_dict's shapes reveal; None if not a ViT.
-
-    ``transformer.num_heads`` is not among them: it changes no shape.
-    """
-    embed = state.get(_EMBED + "patch_embeddings.weight")  # (D, C, ph, pw)
-    pos = state.get(_EMBED + "position_embeddings")  # (1, 1 + gh * gw, D)
-    fc1 = state.get("transformer.encoder.layer.0.ffn.fc1.weight")  # (mlp_dim, D)
-    if embed is None or pos is None or fc1 is None or embed.ndim != 4 or pos.ndim != 3:
-        return None
-    fields: dict[str, Any] = {
-        "hidden_size": embed.shape[0],
-        "patches.size": tuple(embed.shape[2:]),
-        "transformer.mlp_dim": fc1.shape[0],
-        "transformer.num_layers": len({m.group(1) for k in state if (m := _LAYER.match(k))}),
-        "representation_size": state["pre_logits.weight"].shape[0]
-        if "pre_logits.weight" in state
-        else None,
-    }
-    units: dict[int, int] = {}
-    for key in state:
-        if m := _UNIT.match(key):
-            block, unit = int(m.group(1)), int(m.group(2))
-            units[block] = max(units.get(block, 0), unit)
-    scale = 1
-    if units:
-        root = state.get(_EMBED + "hybrid_model.root.conv.weight")  # (64 * width_factor, 3, 7, 7)
-        fields["resnet.num_layers"] = tuple(units[b] for b in sorted(units))
-        fields["resnet.width_factor"] = root.shape[0] // 64 if root is not None else 1
-        scale = 2 ** (2 + len(units) - 1)  # stem /4, then /2 per further stage
-    grid = math.isqrt(pos.shape[1] - 1)
-    if grid * grid == pos.shape[1] - 1:
-        fields["img_size"] = grid * fields["patches.size"][0] * scale
-    return fields
-
-
-def _config_fields(config) -> dict[str, Any]:
-    fields = {
-        "hidden_size": config.hidden_size,
-        "patches.size": tuple(config.patches.size),
-        "transformer.mlp_dim": config.transformer.mlp_dim,
-        "transformer.num_layers": config.transformer.num_layers,
-        "representation_size": config.get("representation_size"),
-    }
-    if config.get("resnet") is not None:
-        fields["resnet.num_layers"] = tuple(config.resnet.num_layers)
-        fields["resnet.width_factor"] = config.resnet.width_factor
-    return fields
-
-
-def _format_value(value: object) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return "none" if value is None else str(value)
-
-
-def suggest_flags(state: dict[str, torch.Tensor]) -> str:
-    """The model flags that would fit a state_dict: the closest variant plus ``--config`` fixes."""
-    found = _architecture(state)
-    if found is None:
-        return "its keys are not those of a VisionTransformer"
-    img_size = found.pop("img_size", None)
-    best, best_diff = None, None
-    for name, config in CONFIGS.items():
-        fields = _config_fields(config)
-        if fields.keys() != found.keys():  # a hybrid only matches a hybrid
-            continue
-        diff = {k: v for k, v in found.items() if fields[k] != v}
-        if best_diff is None or len(diff) < len(best_diff):
-            best, best_diff = name, diff
-    if best is None:
-        return "no --model_type has its structure"
-    flags = [f"--model_type {best}"]
-    flags += [f"--config {k}={_format_value(v)}" for k, v in best_diff.items()]
-    if img_size is not None:
-        flags.append(f"--img_size {img_size}")
-    heads = " (and transformer.num_heads if it was changed: no shape shows it)" if best_diff else ""
-    return f"its weights fit {' '.join(flags)}{heads}"
-
-
-def _config_differences(saved: dict[str, Any], config) -> list[str]:
-    """Fields (other than dropout) where a training state's config differs from ``config``."""
-    ours = flat_fields(config.to_dict())
-    theirs = flat_fields(saved)
-    return [
-        f"{k}={_format_value(theirs.get(k))} (not {_format_value(ours.get(k))})"
-        for k in sorted(ours.keys() | theirs.keys())
-        if "dropout" not in k and ours.get(k) != theirs.get(k)
-    ]
-
-
 def load_checkpoint_model(
     model_type: str,
     config_overrides: Iterable[str],
@@ -296,7 +201,7 @@ def load_checkpoint_model(
     hint = (
         f"it was trained with {trained} (leave the model flags out to use those)"
         if trained
-        else suggest_flags(ckpt.state_dict)
+        else fitting_flags(ckpt.state_dict)
     )
     try:
         load_resized(model, ckpt.state_dict)  # the position embedding follows --img_size
@@ -306,7 +211,7 @@ def load_checkpoint_model(
             f"--checkpoint {ckpt.path} does not fit {flags}: {problems}; {hint}"
         ) from None
     saved = ckpt.trained_config()
-    if saved is not None and (differences := _config_differences(saved, config)):
+    if saved is not None and (differences := config_differences(saved, config)):
         raise UsageError(
             f"--checkpoint {ckpt.path} was trained with {describe_keys(differences, 3)}; {hint}"
         )
