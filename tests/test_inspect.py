@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -27,8 +28,11 @@ from utils.data.class_names import CIFAR10_CLASSES, CIFAR100_CLASSES
 from utils.inspection.figures import (
     GREEN,
     RED,
+    attention_figure,
+    attention_title,
     confusion_matrix,
     confusion_matrix_image,
+    figure_grid,
     log_eval_images,
     prediction_grid,
 )
@@ -256,22 +260,204 @@ def test_preprocess_is_the_test_transform(subset: Path, img_size: int) -> None:
 # visualize_attention.py and the rollout
 
 
-def test_attention_png_of_a_vit_keeps_the_image_size(
-    trained: Trained, images: dict[str, Path], tmp_path: Path
+def find(figure: np.ndarray, panel: np.ndarray) -> list[tuple[int, int]]:
+    """Every (y, x) at which ``panel`` appears, pixel for pixel, inside ``figure``."""
+    h, w = panel.shape[:2]
+    corner = np.all(figure[: figure.shape[0] - h + 1, : figure.shape[1] - w + 1] == panel[0, 0], -1)
+    return [
+        (int(y), int(x))
+        for y, x in zip(*np.nonzero(corner), strict=True)
+        if np.array_equal(figure[y : y + h, x : x + w], panel)
+    ]
+
+
+def blocks(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """Each pixel as a ``factor`` x ``factor`` square: nearest-neighbour enlargement by hand."""
+    return pixels.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (50, 30), (20, 300)], ids=["cifar", "wide", "tall"])
+def test_attention_figure_shows_the_image_in_whole_pixel_blocks(size: tuple[int, int]) -> None:
+    """A small image appears enlarged by the least whole factor reaching 384 px on its short side
+    (a panorama stopping at 2048 px on its long side), its rollout overlay of the same size to its
+    right."""
+    width, height = size
+    factor = min(math.ceil(384 / min(size)), 2048 // max(size))
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    mask = torch.rand(4, 4, generator=torch.Generator().manual_seed(0))
+    figure = attention_figure(Image.fromarray(pixels), mask, "predicted: cat (0.5000)")
+    assert figure.dtype == np.uint8 and figure.shape[2] == 3
+    assert tuple(figure[0, 0]) == (255, 255, 255)  # a white background
+
+    shown = blocks(pixels, factor)
+    (where,) = find(figure, shown)  # exactly once
+    overlay = np.asarray(overlay_heatmap(Image.fromarray(shown), mask))
+    (beside,) = find(figure, overlay)
+    assert beside[0] == where[0] and beside[1] >= where[1] + shown.shape[1]
+    if size != (20, 300):
+        assert min(shown.shape[:2]) >= 384
+
+
+def test_attention_figure_of_a_large_photo_is_shrunk_to_512_px() -> None:
+    """Four flat quadrants of 600 x 400 px: each stays a flat rectangle of (512 / 800) its size."""
+    colours = [(201, 13, 77), (13, 201, 77), (77, 13, 201), (240, 240, 20)]
+    pixels = np.zeros((800, 1200, 3), dtype=np.uint8)
+    for i, colour in enumerate(colours):
+        pixels[(i // 2) * 400 : (i // 2 + 1) * 400, (i % 2) * 600 : (i % 2 + 1) * 600] = colour
+    figure = attention_figure(Image.fromarray(pixels), torch.rand(8, 8), "predicted: ship (0.9)")
+    boxes = []
+    for colour in colours:
+        ys, xs = np.nonzero(np.all(figure == colour, axis=-1))
+        boxes.append((ys.min(), xs.min(), ys.max() - ys.min() + 1, xs.max() - xs.min() + 1))
+    top, left = boxes[0][:2]
+    for i, (y, x, h, w) in enumerate(boxes):  # 384 x 256 each, less Lanczos's ringing at edges
+        assert 250 <= h <= 256 and 378 <= w <= 384, boxes
+        assert abs(y - top - (i // 2) * 256) <= 4 and abs(x - left - (i % 2) * 384) <= 4, boxes
+    assert figure.shape[1] >= 2 * 768
+
+
+def test_attention_title_names_the_prediction_and_the_truth() -> None:
+    assert attention_title("cat", 0.97314, "cat") == "predicted: cat (0.9731) · true: cat"
+    assert attention_title("ship", 0.5) == "predicted: ship (0.5000)"
+
+
+def test_figure_grid_places_each_figure_in_its_row_and_column() -> None:
+    """Five figures: three columns, two rows; a column as wide as its widest figure, a row as
+    tall as its tallest."""
+    sizes = [(10, 20), (30, 5), (8, 8), (12, 7), (4, 40)]  # (height, width)
+    figures = [np.full((*s, 3), i, dtype=np.uint8) for i, s in enumerate(sizes)]
+    grid = figure_grid(figures)
+    tops, lefts = [0, 30], [0, 20, 60]  # rows 30 and 12 tall; columns 20, 40 and 8 wide
+    assert grid.shape == (30 + 12, 20 + 40 + 8, 3)
+    for i, figure in enumerate(figures):
+        y, x = tops[i // 3], lefts[i % 3]
+        assert np.array_equal(grid[y : y + figure.shape[0], x : x + figure.shape[1]], figure)
+    assert grid.sum(dtype=np.int64) == sum(f.sum(dtype=np.int64) for f in figures) + 255 * 3 * (
+        grid.shape[0] * grid.shape[1] - sum(h * w for h, w in sizes)
+    )  # white elsewhere
+
+
+def test_attention_figure_of_a_cifar_image_in_a_class_folder(
+    trained: Trained, subset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    output = tmp_path / "maps" / "wide_attention.png"
+    """The command a user types (no --output): attention/<stem>_attention.png, the CIFAR image
+    in 12 x 12 blocks, titled with predict.py's top class and probability and the folder's class."""
+    import predict
+
+    pixels = load_cifar("cifar10", subset, False).images[0]  # a cat
+    image = tmp_path / "cat" / "test0.png"
+    image.parent.mkdir()
+    Image.fromarray(pixels).save(image)
     result = run_script(
-        tmp_path, "visualize_attention.py", *MODEL, "--checkpoint", str(trained.bin),
-        str(images["wide.jpg"]), "--output", str(output),
-    )  # fmt: skip
+        tmp_path, "visualize_attention.py", "--checkpoint", str(trained.bin), str(image)
+    )
     assert result.returncode == 0, result.stderr
-    assert "attention rollout written to" in result.stdout
-    with Image.open(output) as png, Image.open(images["wide.jpg"]) as original:
-        assert png.format == "PNG" and png.size == original.size == (50, 30)
-        assert not np.array_equal(np.asarray(png), np.asarray(original.convert("RGB")))
+    output = tmp_path / "attention" / "test0_attention.png"
+    with Image.open(output) as png:
+        assert png.format == "PNG" and png.mode == "RGB"
+        figure = np.asarray(png)
+    ((y, x),) = find(figure, blocks(pixels, 12))
+    assert figure.shape[1] >= x + 2 * 384
+
+    assert (
+        predict.main(["--checkpoint", str(trained.bin), "--json", "--device", "cpu", str(image)])
+        == 0
+    )
+    top = json.loads(capsys.readouterr().out)[0]["top"][0]
+    line = result.stdout.strip()
+    match = re.fullmatch(
+        r"(\S+): predicted: (\S+) \(([\d.]+)\) · true: cat; attention figure written to (\S+)", line
+    )
+    assert match, line
+    assert (
+        match[1] == str(image)
+        and match[2] == top["class"]
+        and match[4] == "attention/test0_attention.png"
+    )
+    assert float(match[3]) == pytest.approx(top["probability"], abs=1.5e-4)  # fused attention there
 
 
-def test_attention_png_of_an_r50_hybrid(images: dict[str, Path], tmp_path: Path) -> None:
+def test_several_images_give_a_figure_each_or_one_grid(
+    trained: Trained, images: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A folder's layout is mirrored under --output; --grid puts the same figures in one PNG."""
+    import visualize_attention
+
+    photos = tmp_path / "photos"
+    (photos / "ship").mkdir(parents=True)
+    shutil.copy(images["cifar.png"], photos / "ship" / "a.png")
+    shutil.copy(images["gray.png"], photos / "b.png")
+    given = [str(photos), str(images["wide.jpg"])]
+    flags = ["--checkpoint", str(trained.bin), "--device", "cpu"]
+    assert visualize_attention.main([*flags, *given, "--output", str(tmp_path / "maps")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    written = [
+        tmp_path / "maps" / "b_attention.png",
+        tmp_path / "maps" / "ship" / "a_attention.png",
+    ]
+    written.append(tmp_path / "maps" / "wide_attention.png")
+    assert sorted(p for p in (tmp_path / "maps").rglob("*") if p.is_file()) == sorted(written)
+    assert [line.split(": predicted: ")[0] for line in lines] == [
+        str(photos / "b.png"),
+        str(photos / "ship" / "a.png"),
+        str(images["wide.jpg"]),
+    ]
+    assert [("· true: " in line) for line in lines] == [False, True, False]  # only ship/ names one
+    assert all(line.endswith(f"written to {p}") for line, p in zip(lines, written, strict=True))
+
+    grid_png = tmp_path / "all.png"
+    assert visualize_attention.main([*flags, *given, "--grid", "--output", str(grid_png)]) == 0
+    grid_lines = capsys.readouterr().out.splitlines()
+    assert [line.split(";")[0] for line in grid_lines] == [line.split(";")[0] for line in lines]
+    figures = [np.asarray(Image.open(p)) for p in written]
+    with Image.open(grid_png) as png:
+        grid = np.asarray(png)
+    np.testing.assert_array_equal(grid, figure_grid(figures))
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        (
+            "png_for_two",
+            "is one PNG for 2 images; pass a folder for one figure each, or add --grid",
+        ),
+        ("label_for_two", "--label names the class of a single image, 2 given"),
+        ("unknown_label", "--label kangaroo is not a class of the checkpoint (airplane, "),
+        ("same_name", "would both be drawn to"),
+        ("grid_too_large", "--grid draws at most 64 images, 65 given"),
+        ("output_is_a_file", "taken is a file, not a folder; pass a folder or a .png path"),
+    ],
+)
+def test_visualize_attention_refuses_bad_combinations_in_one_line(
+    trained: Trained,
+    images: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    case: str,
+    expected: str,
+) -> None:
+    one, two = str(images["cifar.png"]), str(images["gray.png"])
+    argv = {
+        "png_for_two": [one, two, "--output", str(tmp_path / "x.png")],
+        "label_for_two": [one, two, "--label", "cat"],
+        "unknown_label": [one, "--label", "kangaroo"],
+        "same_name": [one, str(tmp_path / "b" / "cifar.png")],
+        "grid_too_large": [str(tmp_path / "many"), "--grid"],
+        "output_is_a_file": [one, "--output", str(tmp_path / "taken")],
+    }[case]
+    (tmp_path / "b").mkdir()
+    shutil.copy(one, tmp_path / "b" / "cifar.png")
+    (tmp_path / "many").mkdir()
+    for i in range(65):
+        shutil.copy(one, tmp_path / "many" / f"{i:02}.png")
+    (tmp_path / "taken").write_text("a file, not a folder")
+    argv += ["--checkpoint", str(trained.bin), "--device", "cpu"]
+    code, stderr = run_in_process("visualize_attention.py", argv, capsys)
+    assert expected in one_line_error(code, stderr, "visualize_attention.py")
+
+
+def test_attention_figure_of_an_r50_hybrid(images: dict[str, Path], tmp_path: Path) -> None:
     torch.manual_seed(0)
     config = apply_overrides(CONFIGS["R50-ViT-B_16"], R50_CONFIG)
     model = VisionTransformer(config, img_size=64, num_classes=10)
@@ -286,8 +472,11 @@ def test_attention_png_of_an_r50_hybrid(images: dict[str, Path], tmp_path: Path)
         str(tmp_path / "r50_checkpoint.bin"), str(images["alpha.png"]), "--output", str(output),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    with Image.open(output) as png:
-        assert png.size == (40, 48) and png.mode == "RGB"
+    assert result.stdout.endswith(f"attention figure written to {output}\n")
+    with Image.open(output) as png, Image.open(images["alpha.png"]) as original:
+        assert png.mode == "RGB"
+        pixels = np.asarray(original.convert("RGB"))  # 40 x 48: blocks of 10 reach 400 x 480
+        assert len(find(np.asarray(png), blocks(pixels, 10))) == 1
 
 
 def test_rollout_matches_a_hand_computed_two_layer_example() -> None:

@@ -1,4 +1,5 @@
-"""Figures of an evaluation, drawn with Pillow: a confusion matrix, a grid of labelled predictions.
+"""Figures drawn with Pillow: a confusion matrix, a grid of labelled predictions, an image beside
+its attention rollout.
 
 Each figure is an (H, W, 3) uint8 array, ready for TensorBoard's
 ``SummaryWriter.add_image(..., dataformats="HWC")`` (see ``log_eval_images``) or ``save_png``.
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from utils.inspection.rollout import jet, overlay_heatmap
 
 WHITE, BLACK, GREY = (255, 255, 255), (20, 20, 20), (110, 110, 110)
 GREEN, RED = (0, 140, 60), (210, 30, 30)
@@ -183,6 +186,120 @@ def prediction_grid(
             fill=GREY, font=font,
         )  # fmt: skip
     return np.asarray(grid)
+
+
+# The panels of an attention figure: at least this many pixels on the short side (a CIFAR image is
+# enlarged 12 times), a large photo shrunk to the upper bound, and no panel longer than the last.
+MIN_SHORT_SIDE, MAX_SHORT_SIDE, MAX_LONG_SIDE = 384, 512, 2048
+
+
+def enlarge(image: Image.Image) -> tuple[Image.Image, str]:
+    """``image`` at the size a figure shows it, and a note saying how it was scaled.
+
+    A small image is enlarged by the smallest whole factor that brings its short side to
+    ``MIN_SHORT_SIDE``, nearest-neighbour: every pixel becomes a square block of one colour, so
+    what the model saw is shown as it is, not smoothed. (A panorama stops at ``MAX_LONG_SIDE``.)
+    A photo whose short side passes ``MAX_SHORT_SIDE`` is shrunk to it; others are kept.
+    """
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if short < MIN_SHORT_SIDE:
+        factor = max(1, min(math.ceil(MIN_SHORT_SIDE / short), MAX_LONG_SIDE // long))
+        shown = image.resize((width * factor, height * factor), Image.NEAREST)
+        return shown, f"{width}x{height} px, each pixel shown as {factor}x{factor}"
+    if short > MAX_SHORT_SIDE:
+        scale = MAX_SHORT_SIDE / short
+        shown = image.resize((round(width * scale), round(height * scale)), Image.LANCZOS)
+        return shown, f"{width}x{height} px, shown at {scale:.2f} of its size"
+    return image, f"{width}x{height} px"
+
+
+def attention_title(predicted: str, probability: float, true: str | None = None) -> str:
+    """The headline of an attention figure, e.g. ``predicted: cat (0.9731) · true: cat``."""
+    title = f"predicted: {predicted} ({probability:.4f})"
+    return title if true is None else f"{title} · true: {true}"
+
+
+def _colour_bar(width: int, height: int) -> Image.Image:
+    """The jet colours from 0 (left) to 1 (right), framed."""
+    row = jet(np.linspace(0.0, 1.0, width))  # (width, 3)
+    bar = Image.fromarray(np.ascontiguousarray(np.broadcast_to(row, (height, width, 3))))
+    ImageDraw.Draw(bar).rectangle((0, 0, width - 1, height - 1), outline=GREY)
+    return bar
+
+
+def attention_figure(
+    image: Image.Image,
+    mask: torch.Tensor | np.ndarray,
+    title: str,
+    caption: str = "",
+    alpha: float = 0.5,
+    correct: bool | None = None,
+) -> np.ndarray:
+    """The image (left) and its attention rollout over it (right), under a title, with a colour bar.
+
+    Both panels are ``enlarge``'s picture of ``image``; the rollout ``mask`` (gh, gw) is stretched
+    over it bilinearly (``overlay_heatmap``). The colour bar spans the mask's least to greatest
+    value, labelled as a percentage: the share of the class token's rollout that each patch
+    holds. ``caption`` (the file name, say) is a grey line under the title; ``correct`` colours
+    the title green or red when the true class is known.
+    """
+    picture, scaling = enlarge(image.convert("RGB"))
+    overlay = overlay_heatmap(picture, mask, alpha)
+    values = _to_numpy(mask).astype(np.float64)
+    width, height = picture.size
+    big, small = _font(26), _font(17)
+    pad, gap, bar_height = 24, 24, 18
+    figure_width = max(2 * width + gap + 2 * pad, 640)
+    top = pad + 36 + (26 if caption else 0) + 8  # the title, the caption, a little air
+    figure_height = top + height + 10 + bar_height + 6 + 22 + pad
+    figure = Image.new("RGB", (figure_width, figure_height), WHITE)
+    draw = ImageDraw.Draw(figure)
+
+    ink = BLACK if correct is None else GREEN if correct else RED
+    draw.text((pad, pad), _fit(big, title, figure_width - 2 * pad), fill=ink, font=big)
+    if caption:
+        draw.text(
+            (pad, pad + 36), _fit(small, caption, figure_width - 2 * pad), fill=GREY, font=small
+        )
+    left = (figure_width - 2 * width - gap) // 2  # the panels centred when the title is wider
+    right = left + width + gap
+    figure.paste(picture, (left, top))
+    figure.paste(overlay, (right, top))
+
+    below = top + height + 10
+    draw.text((left, below), _fit(small, f"image: {scaling}", width), fill=GREY, font=small)
+    figure.paste(_colour_bar(width, bar_height), (right, below))
+    labels = below + bar_height + 6
+    low, high = f"low {values.min():.2%}", f"high {values.max():.2%}"
+    draw.text((right, labels), low, fill=BLACK, font=small)
+    draw.text((right + width, labels), high, fill=BLACK, font=small, anchor="ra")
+    middle = width - _text_width(small, low) - _text_width(small, high) - 24
+    if middle > 0:  # the bar's meaning, between its ends, where there is room
+        draw.text(
+            (right + width / 2, labels), _fit(small, "rollout share per patch", middle),
+            fill=GREY, font=small, anchor="ma",
+        )  # fmt: skip
+    return np.asarray(figure)
+
+
+def figure_grid(figures: Sequence[np.ndarray]) -> np.ndarray:
+    """Figures in rows and columns (as square as their number allows), each at the top left of
+    its cell, a column as wide as its widest figure and a row as tall as its tallest, on white."""
+    if not figures:
+        raise ValueError("no figures to arrange")
+    columns = math.ceil(math.sqrt(len(figures)))
+    rows = math.ceil(len(figures) / columns)
+    heights = [
+        max(f.shape[0] for f in figures[r * columns : (r + 1) * columns]) for r in range(rows)
+    ]
+    widths = [max(f.shape[1] for f in figures[c::columns]) for c in range(columns)]
+    tops, lefts = np.cumsum([0, *heights]), np.cumsum([0, *widths])
+    grid = np.full((tops[-1], lefts[-1], 3), 255, dtype=np.uint8)
+    for i, figure in enumerate(figures):
+        y, x = tops[i // columns], lefts[i % columns]
+        grid[y : y + figure.shape[0], x : x + figure.shape[1]] = figure
+    return grid
 
 
 def save_png(figure: np.ndarray, path: str | Path) -> Path:
