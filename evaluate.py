@@ -25,7 +25,7 @@ from utils.cli import (
 )
 from utils.data.cifar import CIFAR, ensure_cifar
 from utils.data.datasets import load_test_set
-from utils.data.device_batches import use_device_data
+from utils.data.device_batches import DeviceCopies, use_device_data
 from utils.data.loader import evaluation_batches
 from utils.inspection.figures import confusion_matrix_image, save_png
 from utils.inspection.inference import load_from_args
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if loaded.dataset in CIFAR:
         ensure_cifar(loaded.dataset, args.data_dir)
     images = load_test_set(loaded.dataset, Path(args.data_dir), loaded.flags.img_size, classes)
-    copies = {} if use_device_data(args.data_on_device, [images], device) else None
+    on_device = use_device_data(args.data_on_device, [images], device)
+    copies = DeviceCopies(device) if on_device else None
     loader = evaluation_batches(
         images, range(len(images)), args.eval_batch_size, args.num_workers, device, copies
     )

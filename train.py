@@ -29,11 +29,11 @@ from models.pretrained import BUCKET, MIRROR_VARIABLE, default_filename, describ
 from utils.cli import Parser, add_data_on_device_arg, add_model_args, run_main
 from utils.data.cifar import CIFAR, ensure_cifar
 from utils.data.datasets import DATASETS, RunData, build_datasets
-from utils.data.device_batches import DeviceBatches, use_device_data
+from utils.data.device_batches import DeviceBatches, DeviceCopies, use_device_data
 from utils.data.download import DownloadError, download_file
 from utils.data.loader import evaluation_batches
 from utils.data.loader import make_loader as worker_loader
-from utils.data.sampling import GlobalBatchSampler, KeyedSubset, shard_indices, unwrap_subset
+from utils.data.sampling import GlobalBatchSampler, shard_indices, unwrap_subset
 from utils.inspection.figures import log_eval_images
 from utils.training import distributed as dist
 from utils.training.checkpoint import rng_state, set_rng_state
@@ -320,14 +320,13 @@ def make_loader(dataset, args: argparse.Namespace, ctx: dist.Context, **kwargs) 
 
 
 def training_batches(
-    data: RunData, sampler, args: argparse.Namespace, ctx: dist.Context, copies: dict | None
+    data: RunData, sampler, args: argparse.Namespace, ctx: dist.Context, copies: DeviceCopies | None
 ):
     """A function returning the next (images, labels) on the device, from the chosen data path.
 
-    With ``copies`` (a dict shared by the run's device sets) the uint8 images live on the device
-    and each batch is cropped, resized and normalised there in one pass
-    (``utils.data.device_batches``); workers only draw the crop boxes. Otherwise workers decode and
-    transform every image.
+    With ``copies`` (the device copies of the run's images) each batch is made on the device from
+    its keys alone (``utils.data.device_batches``): no workers, no host work per image.
+    Otherwise workers decode and transform every image.
     """
     if copies is None:
         batches = iter(make_loader(data.train, args, ctx, batch_sampler=sampler))
@@ -339,13 +338,12 @@ def training_batches(
         return next_batch
     base, indices = unwrap_subset(data.train)
     device_data = DeviceBatches.from_dataset(base, ctx.device, copies)
-    boxes = KeyedSubset(device_data.crop_boxes, indices)
-    box_batches = iter(make_loader(boxes, args, ctx, batch_sampler=sampler))
+    keys = sampler.device_keys(ctx.device, indices)
     log.info("data on %s: %d images, batches made there", ctx.device, len(device_data))
-    return lambda: device_data.train_batch(next(box_batches))
+    return lambda: device_data.train_batch(next(keys))
 
 
-def eval_batches(dataset, args: argparse.Namespace, ctx: dist.Context, copies: dict | None):
+def eval_batches(dataset, args, ctx: dist.Context, copies: DeviceCopies | None):
     """This process's share of ``dataset``: every image is scored exactly once in all."""
     share = shard_indices(len(dataset), ctx.rank, ctx.world_size)
     return evaluation_batches(
@@ -362,7 +360,8 @@ class DataPath:
             len(data.train), global_batch, ctx.rank, ctx.world_size, args.seed, step
         )
         sets = [unwrap_subset(d)[0] for d in (data.train, data.select, data.test) if d]
-        copies = {} if use_device_data(args.data_on_device, sets, ctx.device) else None
+        on_device = use_device_data(args.data_on_device, sets, ctx.device)
+        copies = DeviceCopies(ctx.device) if on_device else None
         self.next_batch = training_batches(data, sampler, args, ctx, copies)
         self.select = eval_batches(data.select, args, ctx, copies)
         self.test = lambda: data.test and eval_batches(data.test, args, ctx, copies)

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,6 +43,8 @@ from models.configs import apply_overrides
 from models.errors import UsageError
 from models.modeling import CONFIGS, VisionTransformer
 from utils.cli import Parser, run_main
+from utils.data.augment import CifarDataset, draw_boxes
+from utils.data.cifar import CifarArrays
 from utils.data.device_batches import DeviceBatches
 from utils.data.sampling import GlobalBatchSampler
 from utils.training.device import resolve_device
@@ -73,9 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="autocast dtype, fp32 = none (default: bf16 on CUDA, fp32 on CPU)",
     )
-    p.add_argument("--batch_size", type=int, default=None, help="(default: 256 CUDA, 8 CPU)")
-    p.add_argument("--img_size", type=int, default=224, help="(default: 224)")
-    p.add_argument("--model_type", choices=list(TIMM_NAMES), default="ViT-B_16", help="(ViT-B_16)")
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="images per step (default: 256 on CUDA, 8 on CPU)",
+    )
+    p.add_argument(
+        "--img_size", type=int, default=224, help="input resolution in pixels (default: 224)"
+    )
+    p.add_argument(
+        "--model_type",
+        choices=list(TIMM_NAMES),
+        default="ViT-B_16",
+        help="the variant timed, ours and its peers (default: ViT-B_16)",
+    )
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 CUDA, 3 CPU)")
     p.add_argument(
         "--warmup", type=int, default=None, help="untimed steps (default: 5 CUDA, 1 CPU)"
@@ -89,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkout of the reference ViT-pytorch repository, whose models/modeling.py is "
         "imported (default: bench/reference_standin.py, reported as 'reference (stand-in)')",
     )
-    p.add_argument("--json", default=None, help="write every figure to this file")
+    p.add_argument(
+        "--json", default=None, help="also write every figure to this JSON file (default: none)"
+    )
     p.add_argument(
         "--memory_table",
         action="store_true",
@@ -279,19 +296,32 @@ def measure(step: Callable, setup: Setup, resident: Callable[[], int] = lambda: 
     return Timing(images / elapsed, images / elapsed_cpu, peak)
 
 
+def synthetic_arrays(n: int) -> CifarArrays:
+    """n random 32-px images in CIFAR's layout, the same for every call."""
+    images = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    return CifarArrays(images, np.arange(n) % 10, [str(c) for c in range(10)])
+
+
 def synthetic_cifar(n: int, img_size: int, device: torch.device) -> DeviceBatches:
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    return DeviceBatches(images, torch.arange(n) % 10, img_size, seed=0, device=device)
+    dataset = CifarDataset(synthetic_arrays(n), img_size, train=True, seed=0)
+    return DeviceBatches.from_dataset(dataset, device)
 
 
 def time_data_path(data: DeviceBatches, keys: Iterator, setup: Setup) -> dict[str, float]:
-    """Images/s of the data path, of its device part alone and of its host part alone."""
-    boxes = data.crop_boxes.batch(next(keys)).to(setup.device)
+    """Images/s of the device data path (keys to batch), of its crop draws alone, and of one
+    DataLoader worker making the same batch on the CPU (the path of image folders and of
+    ``--data_on_device off``)."""
+    height, width = data.images.shape[-2:]
+    batch = next(keys)
+    cpu_set = CifarDataset(synthetic_arrays(len(data)), data.img_size, True, data.seed)
+    cpu_keys = [tuple(k) for k in batch.tolist()]
+    worker = Setup(torch.device("cpu"), "fp32", setup.batch_size, max(1, setup.steps // 4), 1)
     return {
         "data_path": measure(lambda: data.train_batch(next(keys)), setup).per_second,
-        "device_transform": measure(lambda: data.train_batch(boxes), setup).per_second,
-        "host_boxes": measure(lambda: data.crop_boxes.batch(next(keys)), setup).per_second,
+        "draws": measure(
+            lambda: draw_boxes(data.seed, batch, height, width, data.hflip), setup
+        ).per_second,
+        "worker_path": measure(lambda: cpu_set.__getitems__(cpu_keys), worker).per_second,
     }
 
 
@@ -306,7 +336,7 @@ def benchmark(args: argparse.Namespace, setup: Setup) -> dict:
     ideal_bytes = sum(t.numel() * t.element_size() for t in ideal)
     train_steps = [TrainStep(p, setup, lambda: ideal, ideal_bytes) for p in peers]
     data = synthetic_cifar(50_000, S, setup.device)
-    keys = iter(GlobalBatchSampler(len(data), B, rank=0, world_size=1, seed=0))
+    keys = GlobalBatchSampler(len(data), B, rank=0, world_size=1, seed=0).device_keys(setup.device)
     ours = peers[0]
     full_step = TrainStep(ours, setup, lambda: data.train_batch(next(keys)), data.images.numel())
 
@@ -383,9 +413,9 @@ def print_table(results: dict[str, dict[str, list[float]]], setup: Setup, cpu_ti
 def print_data_path(results: dict[str, dict[str, list[float]]], setup: Setup) -> None:
     ours = {k: statistics.median(v) for k, v in results["ours"].items()}
     print(
-        f"data path alone: {ours['data_path']:.0f} img/s (device transform "
-        f"{ours['device_transform']:.0f} img/s, crop boxes on the host {ours['host_boxes']:.0f} "
-        "img/s in one process; train.py can draw them in DataLoader workers)"
+        f"data path alone: {ours['data_path']:.0f} img/s from keys on the device (its crop draws "
+        f"alone {ours['draws']:.0f} img/s); one CPU worker making the same batches: "
+        f"{ours['worker_path']:.0f} img/s"
     )
     if setup.device.type == "cpu":
         print("(on CPU the data path runs on the same cores, in series with the model step)")

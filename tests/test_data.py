@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
 from tests.helpers import SPEC, listing, make_archive, md5_of, write_cifar10, write_pickle
-from utils.data.augment import CifarDataset, sample_crop_box
+from utils.data.augment import TRIES, CifarDataset, draw_boxes, keyed_uniform
 from utils.data.cifar import CifarArrays, DataError, ensure_cifar, load_cifar
 from utils.data.download import DownloadError, download_file
 from utils.data.sampling import GlobalBatchSampler, shard_indices
@@ -314,31 +314,91 @@ def test_test_transform_of_constant_image(tiny: CifarArrays) -> None:
     assert x.min() >= -1 and x.max() <= 1
 
 
-def test_sample_crop_box_matches_torchvision() -> None:
-    # same draws in the same order: with equally seeded generators the boxes are identical
-    for seed, (h, w) in itertools.product(range(50), [(32, 32), (20, 50)]):
-        ours = sample_crop_box(h, w, SCALE, RATIO, torch.Generator().manual_seed(seed))
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
+class _TorchFeedingUniforms:
+    """``torch`` as torchvision's transforms module sees it, except that ``empty(1).uniform_``
+    and ``randint`` return the given uniforms: torchvision's own ``get_params`` then runs on our
+    draws (the area and ratio of try t, then the top and left of the last try)."""
+
+    def __init__(self, u: list[float]) -> None:
+        self.u, self.calls = u, 0
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    def empty(self, *size, **kwargs):
+        feeder = self
+
+        class Draw:
+            def uniform_(self, lo, hi):
+                t, which = divmod(feeder.calls, 2)
+                feeder.calls += 1
+                value = feeder.u[which * TRIES + t]
+                return torch.tensor(
+                    float(lo) + (float(hi) - float(lo)) * value, dtype=torch.float64
+                )
+
+        return Draw()
+
+    def randint(self, low: int, high: int, size) -> torch.Tensor:
+        t = self.calls // 2 - 1  # the try that fitted
+        column = 2 * TRIES if not hasattr(self, "top") else 3 * TRIES
+        self.top = True
+        return torch.tensor([low + math.floor(self.u[column + t] * (high - low))])
+
+
+def test_draw_boxes_run_torchvisions_rule_on_their_uniforms(monkeypatch) -> None:
+    # the tries, the first fit, the fallback: torchvision's code, fed our counter-based uniforms
+    import torchvision.transforms.transforms as tv
+
+    keys = torch.tensor([(i, e) for i in range(300) for e in range(2)])
+    for h, w in [(32, 32), (20, 50), (48, 17)]:
+        ours = draw_boxes(9, keys, h, w, hflip=False)
+        uniforms = keyed_uniform(9, keys, 4 * TRIES + 1).tolist()
+        for box, u in zip(ours.tolist(), uniforms, strict=True):
+            monkeypatch.setattr(tv, "torch", _TorchFeedingUniforms(u))
             theirs = RandomResizedCrop.get_params(torch.empty(3, h, w), list(SCALE), list(RATIO))
-        assert ours == theirs
+            assert tuple(box[:4]) == theirs
+        monkeypatch.undo()
 
 
-def test_sample_crop_box_statistics() -> None:
+def test_keyed_uniforms_are_uniform_and_batch_free() -> None:
+    keys = torch.tensor([(i, e) for i in range(2000) for e in range(3)])
+    u = keyed_uniform(5, keys, 41)  # (6000, 41)
+    assert u.min() >= 0 and u.max() < 1 and u.unique().numel() > 0.999 * u.numel()
+    for column in (u[:, 0], u[:, 40], u.flatten()):
+        # Kolmogorov-Smirnov distance to U(0, 1); the 0.1 % critical value at n = 6000 is 0.025
+        ranked = column.sort().values
+        n = len(ranked)
+        grid = torch.arange(1, n + 1, dtype=torch.float64) / n
+        assert (grid - ranked).abs().max() < 1.95 / math.sqrt(n)
+    assert abs(torch.corrcoef(u[:, :2].T)[0, 1]) < 0.05  # draws of one key are not correlated
+    # a key's draws do not depend on the batch it comes in, nor on its place there
+    assert torch.equal(keyed_uniform(5, keys[[7, 3, 7]], 41), u[[7, 3, 7]])
+    assert not torch.equal(keyed_uniform(6, keys[:5], 41), u[:5])  # the seed matters
+
+
+def test_mul32_is_multiplication_mod_2_32() -> None:
+    from utils.data.augment import _mul32
+
+    x = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF, 123456789])
+    for c in (0x7FEB352D, 0x846CA68B, 0x9E3779B9, 0xFFFFFFFF):
+        assert _mul32(x, c).tolist() == [(v * c) % 2**32 for v in x.tolist()]
+
+
+def test_draw_box_statistics_match_torchvision() -> None:
     n, height, width = 3000, 32, 32
-    gen = torch.Generator().manual_seed(0)
-    ours = [sample_crop_box(height, width, SCALE, RATIO, gen) for _ in range(n)]
+    ours = draw_boxes(0, torch.tensor([(i, 0) for i in range(n)]), height, width, False).tolist()
     with torch.random.fork_rng():
         torch.manual_seed(12345)
         img = torch.empty(3, height, width)
         theirs = [RandomResizedCrop.get_params(img, list(SCALE), list(RATIO)) for _ in range(n)]
 
-    def stats(boxes: list[tuple[int, int, int, int]]) -> tuple[float, float]:
-        area = np.mean([h * w / (height * width) for _, _, h, w in boxes])
-        log_ratio = np.mean([math.log(w / h) for _, _, h, w in boxes])
+    def stats(boxes: list) -> tuple[float, float]:
+        area = np.mean([h * w / (height * width) for _, _, h, w, *_ in boxes])
+        log_ratio = np.mean([math.log(w / h) for _, _, h, w, *_ in boxes])
         return float(area), float(log_ratio)
 
-    for top, left, h, w in ours:
+    for top, left, h, w, _ in ours:
         assert 0 <= top <= height - h and 0 <= left <= width - w and h > 0 and w > 0
         assert 0.04 <= h * w / (height * width) <= 1  # scale, up to rounding to whole pixels
         assert 0.7 <= w / h <= 1.45  # ratio, up to rounding
@@ -349,12 +409,14 @@ def test_sample_crop_box_statistics() -> None:
     assert abs(log_ratio - log_ratio_tv) < 0.03 and abs(log_ratio) < 0.03
 
 
-def test_sample_crop_box_fallback_is_central() -> None:
-    gen = torch.Generator().manual_seed(0)
-    impossible = (2.0, 3.0)  # larger than the image: all ten tries fail
-    assert sample_crop_box(32, 32, impossible, RATIO, gen) == (0, 0, 32, 32)
-    assert sample_crop_box(20, 40, impossible, RATIO, gen) == (0, 6, 20, 27)
-    assert sample_crop_box(40, 20, impossible, RATIO, gen) == (6, 0, 27, 20)
+def test_draw_box_fallback_is_central(monkeypatch) -> None:
+    import utils.data.augment as augment
+
+    monkeypatch.setattr(augment, "SCALE", (2.0, 3.0))  # larger than the image: all tries fail
+    key = torch.tensor([[0, 0]])
+    assert draw_boxes(0, key, 32, 32, False)[0, :4].tolist() == [0, 0, 32, 32]
+    assert draw_boxes(0, key, 20, 40, False)[0, :4].tolist() == [0, 6, 20, 27]
+    assert draw_boxes(0, key, 40, 20, False)[0, :4].tolist() == [6, 0, 27, 20]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
-from utils.data.augment import CifarDataset
+from utils.data.augment import CifarDataset, draw_boxes
 from utils.data.cifar import CifarArrays, DataError
 from utils.data.device_batches import DeviceBatches, resize_weights, use_device_data
 from utils.data.image_folder import ImageFolderDataset
-from utils.data.sampling import GlobalBatchSampler
+from utils.data.sampling import GlobalBatchSampler, KeyedSubset
 
 CLASSES = list("abcdefghij")
 
@@ -96,13 +96,12 @@ def test_crop_boxes_are_the_cpu_paths() -> None:
     dataset = CifarDataset(arrays, img_size=48, train=True, seed=3)
     batches = DeviceBatches.from_dataset(dataset, "cpu")
     keys = keys_of(64, 3)
-    boxes = batches.crop_boxes.batch(keys)  # (B, 6) [index, top, left, h, w, flip]
-    assert boxes[:, 0].tolist() == [i for i, _ in keys]
+    boxes = draw_boxes(3, torch.tensor(keys), 32, 32, False)  # (B, 5) [top, left, h, w, flip]
     x, _ = batches.train_batch(keys)
     cpu = torch.stack([dataset[k][0] for k in keys])
-    assert torch.equal(boxes_from_coordinates(x), boxes[:, 1:5])
-    assert torch.equal(boxes_from_coordinates(cpu), boxes[:, 1:5])
-    assert len(set(map(tuple, boxes[:, 1:5].tolist()))) > 150  # and they do vary
+    assert torch.equal(boxes_from_coordinates(x), boxes[:, :4])
+    assert torch.equal(boxes_from_coordinates(cpu), boxes[:, :4])
+    assert len(set(map(tuple, boxes[:, :4].tolist()))) > 150  # and they do vary
 
 
 def test_crop_statistics_match_torchvision() -> None:
@@ -139,27 +138,38 @@ def test_deterministic_for_the_same_keys(noise: CifarArrays) -> None:
     x, _ = batches.train_batch(keys)
     torch.manual_seed(123)  # the global RNG plays no part
     assert torch.equal(batches.train_batch(keys)[0], x)
-    assert torch.equal(batches.train_batch(batches.crop_boxes.batch(keys))[0], x)
+    assert torch.equal(batches.train_batch(torch.tensor(keys))[0], x)
+    assert torch.equal(batches.train_batch(keys[::-1])[0], x.flip(0))  # a key is its own crop
     assert not torch.equal(batches.train_batch([(i, e + 5) for i, e in keys])[0], x)
     other = DeviceBatches.from_dataset(CifarDataset(noise, 24, train=True, seed=2), "cpu")
     assert not torch.equal(other.train_batch(keys)[0], x)
 
 
 @pytest.mark.parametrize("hflip", [False, True])
-def test_boxes_from_dataloader_workers_follow_the_sampler(noise: CifarArrays, hflip: bool) -> None:
-    # how train.py feeds it: GlobalBatchSampler -> DataLoader(crop_boxes) -> train_batch
+def test_device_keys_follow_the_sampler_and_equal_the_worker_path(
+    noise: CifarArrays, hflip: bool
+) -> None:
+    # how train.py feeds it: GlobalBatchSampler.device_keys -> train_batch, against what
+    # DataLoader workers make from the same sampler; also through a subset (--val_split)
     dataset = CifarDataset(noise, 24, train=True, seed=4, hflip=hflip)
     batches = DeviceBatches.from_dataset(dataset, "cpu")
-    sampler = GlobalBatchSampler(len(dataset), global_batch=8, rank=1, world_size=2, seed=4)
-    loader = DataLoader(batches.crop_boxes, batch_sampler=sampler, num_workers=2)
-    flips = set()
-    for boxes, keys in itertools.islice(zip(loader, sampler, strict=False), 12):
-        assert boxes.shape == (4, 6) and torch.equal(boxes, batches.crop_boxes.batch(keys))
-        flips |= set(boxes[:, 5].tolist())
-        x, y = batches.train_batch(boxes)
-        expected = torch.stack([dataset[k][0] for k in keys])
-        torch.testing.assert_close(x, expected, rtol=0, atol=2e-6)
-    assert flips == ({0, 1} if hflip else {0})
+    subset = KeyedSubset(dataset, list(range(3, 40, 2)))
+    for data, indices in [(dataset, None), (subset, subset.indices)]:
+        sampler = GlobalBatchSampler(len(data), global_batch=8, rank=1, world_size=2, seed=4)
+        loader = DataLoader(data, batch_sampler=sampler, num_workers=2)
+        device_keys = sampler.device_keys("cpu", indices)
+        flips = set()
+        for (expected, labels), keys, sampled in itertools.islice(
+            zip(loader, device_keys, sampler, strict=False), 12
+        ):
+            positions = [i for i, _ in sampled]
+            base = positions if indices is None else [indices[i] for i in positions]
+            assert keys.tolist() == [[i, e] for i, (_, e) in zip(base, sampled, strict=True)]
+            flips |= set(draw_boxes(4, keys, 32, 32, hflip)[:, 4].tolist())
+            x, y = batches.train_batch(keys)
+            torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)  # float rounding
+            assert torch.equal(y, labels)
+        assert flips == ({0, 1} if hflip else {0})
 
 
 @pytest.mark.parametrize(("start", "length", "out"), [(0, 32, 32), (5, 9, 224), (3, 27, 8)])
@@ -195,6 +205,7 @@ def test_auto_puts_cifar_on_cuda_when_it_takes_a_quarter_of_free_memory(
     assert use_device_data("on", sets, cpu) is True and use_device_data("off", sets, cuda) is False
 
     folder = object.__new__(ImageFolderDataset)  # only its type matters here
+    assert not isinstance(folder, CifarDataset)
     assert use_device_data("auto", [folder], cuda) is False
     assert use_device_data("off", [folder], cuda) is False
     with pytest.raises(DataError, match="--data_on_device on needs a CIFAR data set"):

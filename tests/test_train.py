@@ -385,7 +385,8 @@ def test_evaluation_batches_on_the_device_are_the_workers(subset: Path) -> None:
     ranks together score every image once, and the validation split shares the training set's
     device copy."""
     from utils.data.datasets import build_datasets
-    from utils.data.device_batches import DeviceEvalBatches
+    from utils.data.device_batches import DeviceCopies, DeviceEvalBatches
+    from utils.data.sampling import GlobalBatchSampler
     from utils.training.distributed import Context
 
     data = build_datasets("cifar10", subset, 40, seed=3, val_split=0.1, hflip=True)
@@ -396,7 +397,7 @@ def test_evaluation_batches_on_the_device_are_the_workers(subset: Path) -> None:
         labels = []
         for rank in range(3):
             ctx = Context(rank, 3, rank, torch.device("cpu"))
-            copies: dict = {}
+            copies = DeviceCopies(ctx.device)
             made = train.eval_batches(dataset, args, ctx, copies)
             assert isinstance(made, DeviceEvalBatches) and len(copies) == 1
             loaded = list(train.eval_batches(dataset, args, ctx, None))
@@ -406,9 +407,11 @@ def test_evaluation_batches_on_the_device_are_the_workers(subset: Path) -> None:
                 assert torch.equal(y, y_ref)
                 labels += y.tolist()
         assert sorted(labels) == sorted(dataset[i][1] for i in range(len(dataset)))
-    copies = {}
-    train.training_batches(data, [], args, Context(0, 1, 0, torch.device("cpu")), copies)
-    train.eval_batches(data.select, args, Context(0, 1, 0, torch.device("cpu")), copies)
+    ctx = Context(0, 1, 0, torch.device("cpu"))
+    copies = DeviceCopies(ctx.device)
+    sampler = GlobalBatchSampler(len(data.train), 8, 0, 1, seed=3)
+    train.training_batches(data, sampler, args, ctx, copies)
+    train.eval_batches(data.select, args, ctx, copies)
     assert len(copies) == 1  # the validation split reuses the training images' device copy
 
 

@@ -41,6 +41,28 @@ def load_test_set(
     return ImageFolderDataset(scan_split(root / "val", classes), img_size, False)
 
 
+def load_validation_set(
+    name: str, root: Path, img_size: int, classes: list[str], val_split: float, seed: int
+) -> KeyedSubset:
+    """The ``--val_split`` hold-out that a run with this fraction and seed selected its best
+    checkpoint on, transformed for evaluation: rebuilt, so that it can be scored again later."""
+    if name == "imagefolder":
+        split = scan_split(root / "train")
+        if split.classes != classes:
+            raise DataError(
+                f"{root / 'train'} has the classes {', '.join(split.classes)}, the checkpoint "
+                f"{', '.join(classes)}; pass the --data_dir it was trained on"
+            )
+        plain = ImageFolderDataset(split, img_size, False)
+    else:
+        plain = CifarDataset(load_cifar(name, root, train=True), img_size, False)
+    try:
+        _, val_idx = split_indices(len(plain), val_split, seed)
+    except ValueError as error:
+        raise DataError(f"--val_split {val_split}: {error}") from None
+    return KeyedSubset(plain, val_idx)
+
+
 def build_datasets(
     name: str, data_dir: str | Path, img_size: int, seed: int, val_split: float, hflip: bool
 ) -> RunData:

@@ -2,14 +2,11 @@
 
 The CPU path (:class:`utils.data.augment.CifarDataset` in DataLoader workers) crops, resizes and
 normalises one image at a time and copies float32 images to the GPU: 600 KB per image at 224 px.
-Here the whole uint8 set (150 MB for CIFAR) lives on the device and a batch is made in one batched
-pass:
+Here the whole uint8 set (150 MB for CIFAR) lives on the device and a batch is made from its
+``[index, epoch]`` keys in one batched pass, with no host work per image and no worker processes:
 
-1. Crop boxes come from the same per-sample keyed draws as the CPU path
-   (``mix_seed("crop", seed, epoch, index)`` -> ``torch.Generator`` -> ``sample_crop_box``), so
-   for the same ``(index, epoch)`` keys both paths crop the same boxes. This is host work on four
-   ints per image; :class:`CropBoxes` is a Dataset so that DataLoader workers can do it ahead of
-   time, and only a small (B, 6) int64 tensor is copied to the device.
+1. Crop boxes and flips come from ``utils.data.augment.draw_boxes``, a counter-based function of
+   (seed, index, epoch) that the CPU path calls too, so both paths crop the same boxes.
 2. Crop + resize is separable: ``out = Wy @ image @ Wx.T`` with per-sample (S, 32) matrices that
    hold the weights of PyTorch's antialiased bilinear resize (``F.interpolate(mode="bilinear",
    antialias=True)``, which torchvision's ``resized_crop`` calls). The result is the CPU path's
@@ -21,40 +18,31 @@ Nothing in :meth:`DeviceBatches.train_batch` waits for the device.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from utils.data.augment import CifarDataset, draw_augmentation, normalize
+from utils.data.augment import CifarDataset, draw_boxes, normalize
 from utils.data.cifar import DataError
 
 
-class CropBoxes(Dataset):
-    """``(index, epoch) -> int64 [index, top, left, h, w, flip]``: CifarDataset's training crop.
+class DeviceCopies:
+    """One device copy per host image tensor: a training set and its validation split, which
+    share their images on the host, share them on the device too."""
 
-    Use it as a DataLoader's dataset with :class:`utils.data.sampling.GlobalBatchSampler` as the
-    batch_sampler: batches are then (B, 6) tensors drawn in worker processes, pinned if asked.
-    """
-
-    def __init__(
-        self, num_images: int, seed: int, height: int = 32, width: int = 32, hflip: bool = False
-    ) -> None:
-        self.num_images, self.seed, self.size, self.hflip = num_images, seed, (height, width), hflip
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._copies: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
-        return self.num_images
+        return len(self._copies)
 
-    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
-        index, epoch = map(operator.index, key)
-        box, flip = draw_augmentation(self.seed, epoch, index, *self.size, self.hflip)
-        return torch.tensor((index, *box, int(flip)))
-
-    def batch(self, keys: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """The boxes of a list of keys, in this process: (B, 6)."""
-        return torch.stack([self[key] for key in keys])
+    def of(self, images: torch.Tensor) -> torch.Tensor:
+        if id(images) not in self._copies:
+            self._copies[id(images)] = images.to(self.device)
+        return self._copies[id(images)]
 
 
 def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int):
@@ -81,10 +69,10 @@ def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_
 class DeviceBatches:
     """A uint8 image set and its labels on ``device``, made into normalised float32 batches.
 
-    ``train_batch`` takes the keys a :class:`utils.data.sampling.GlobalBatchSampler` yields (or the
-    (B, 6) boxes a DataLoader over :attr:`crop_boxes` yields) and returns what a DataLoader over
-    ``CifarDataset(arrays, img_size, train=True, seed)`` would return for them, already on the
-    device. ``eval_batch`` does the same for the evaluation transform.
+    ``train_batch`` takes ``(index, epoch)`` keys (as a list, or a (B, 2) int64 tensor, best
+    already on the device: :meth:`utils.data.sampling.GlobalBatchSampler.device_keys`) and returns
+    what a DataLoader over ``CifarDataset(arrays, img_size, train=True, seed)`` returns for them,
+    already on the device. ``eval_batch`` does the same for the evaluation transform.
     """
 
     def __init__(
@@ -100,26 +88,15 @@ class DeviceBatches:
         self.device = torch.device(device)
         self.images = images.to(self.device)  # (N, 3, 32, 32) uint8
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)  # (N,)
-        self.img_size = img_size
-        self.crop_boxes = CropBoxes(len(images), seed, *images.shape[-2:], hflip=hflip)
+        self.img_size, self.seed, self.hflip = img_size, seed, hflip
 
     @classmethod
     def from_dataset(
-        cls,
-        dataset: CifarDataset,
-        device: torch.device | str,
-        copies: dict[int, torch.Tensor] | None = None,
+        cls, dataset: CifarDataset, device: torch.device | str, copies: DeviceCopies | None = None
     ) -> DeviceBatches:
-        """``dataset``'s images on ``device``, with its size, seed and flip setting.
-
-        ``copies`` (host tensor id -> device tensor) lets data sets that share one host tensor,
-        such as a training set and its validation split, share one device copy.
-        """
-        images = dataset.images
-        if copies is not None:
-            if id(images) not in copies:
-                copies[id(images)] = images.to(device)
-            images = copies[id(images)]
+        """``dataset``'s images on ``device`` (through ``copies`` when given), with its size,
+        seed and flip setting."""
+        images = dataset.images if copies is None else copies.of(dataset.images)
         return cls(images, dataset.labels, dataset.img_size, dataset.seed, device, dataset.hflip)
 
     def __len__(self) -> int:
@@ -134,14 +111,11 @@ class DeviceBatches:
     def train_batch(
         self, keys: Sequence[tuple[int, int]] | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random-resized-crop batch: ((B, 3, S, S) float32 in [-1, 1], (B,) int64 labels).
-
-        ``keys``: ``(index, epoch)`` pairs, or their (B, 6) ``[index, top, left, h, w, flip]``.
-        """
-        boxes = keys if isinstance(keys, torch.Tensor) else self.crop_boxes.batch(keys)
-        boxes = self._to_device(boxes)  # (B, 6)
-        index, top, left, h, w, flip = boxes.unbind(1)  # each (B,)
+        """Random-resized-crop batch: ((B, 3, S, S) float32 in [-1, 1], (B,) int64 labels)."""
+        keys = self._to_device(torch.as_tensor(keys, dtype=torch.long))  # (B, 2) [index, epoch]
         height, width = self.images.shape[-2:]
+        top, left, h, w, flip = draw_boxes(self.seed, keys, height, width, self.hflip).unbind(1)
+        index = keys[:, 0]
         with torch.autocast(self.device.type, enabled=False):  # fp32 even inside an autocast
             wy = resize_weights(top, h, height, self.img_size)  # (B, S, 32)
             wx = resize_weights(left, w, width, self.img_size)  # (B, S, 32)
@@ -189,7 +163,7 @@ def use_device_data(choice: str, datasets: Sequence[Dataset], device: torch.devi
     counted once) take at most a quarter of the free memory. Image folders decode files, so they
     stay with the DataLoader workers; ``on`` is an error for them.
     """
-    is_cifar = all(type(d) is CifarDataset for d in datasets)
+    is_cifar = all(isinstance(d, CifarDataset) for d in datasets)
     if choice == "on" and not is_cifar:
         raise DataError("--data_on_device on needs a CIFAR data set; image folders stay on the CPU")
     if choice != "auto":

@@ -3,7 +3,7 @@
 Files Pillow cannot identify are reported (path and reason) and skipped when the folder is
 scanned; a class with no readable image, or a class of train/ missing from val/, is one clear
 ``DataError``. Images are decoded when a batch needs them and go through the same transforms as
-CIFAR (``CifarDataset``), whatever their size.
+CIFAR (``utils.data.augment.AugmentedImages``), whatever their size.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.data.augment import CifarDataset
+from utils.data.augment import AugmentedImages
 from utils.data.cifar import DataError
 
 log = logging.getLogger("vit")
@@ -75,16 +75,14 @@ def scan_split(folder: Path, classes: list[str] | None = None) -> FolderSplit:
     return split
 
 
-class ImageFolderDataset(CifarDataset):
-    """``CifarDataset``'s transforms over image files, decoded when needed."""
+class ImageFolderDataset(AugmentedImages):
+    """The training and evaluation transforms over image files, decoded when needed."""
 
     def __init__(
         self, split: FolderSplit, img_size: int, train: bool, seed: int = 0, hflip: bool = False
     ) -> None:
+        super().__init__(split.labels, split.classes, img_size, train, seed, hflip)
         self.paths = split.paths
-        self.labels = split.labels
-        self.classes = split.classes
-        self.img_size, self.train, self.seed, self.hflip = img_size, train, seed, hflip
 
     def load(self, index: int) -> torch.Tensor:
         path = self.paths[index]

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from utils.data.device_batches import DeviceBatches, DeviceEvalBatches
+from utils.data.device_batches import DeviceBatches, DeviceCopies, DeviceEvalBatches
 from utils.data.sampling import unwrap_subset
 from utils.training.signals import ignore_stop_signals, stop_signals_blocked
 
@@ -46,7 +46,7 @@ def evaluation_batches(
     batch_size: int,
     num_workers: int,
     device: torch.device,
-    copies: dict | None,
+    copies: DeviceCopies | None,
 ) -> DataLoader | DeviceEvalBatches:
     """Batches of the items ``share`` of ``dataset``, in order: made on the device from its
     uint8 images when ``copies`` (the device copies shared by a run's sets) is given, else by

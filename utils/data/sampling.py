@@ -7,7 +7,7 @@ or workers, which is what makes DDP equal one process and a resumed run equal a 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -30,9 +30,16 @@ class KeyedSubset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        if isinstance(key, tuple):
-            return self.dataset[(self.indices[key[0]], key[1])]
-        return self.dataset[self.indices[key]]
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> list:
+        """A DataLoader's batch fetch, passed on in one call (``AugmentedImages`` draws a
+        batch's crops at once)."""
+        mapped = [
+            (self.indices[k[0]], k[1]) if isinstance(k, tuple) else self.indices[k] for k in keys
+        ]
+        fetch = getattr(self.dataset, "__getitems__", None)
+        return fetch(mapped) if fetch else [self.dataset[k] for k in mapped]
 
 
 def unwrap_subset(dataset: Dataset) -> tuple[Dataset, list[int]]:
@@ -103,16 +110,32 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         generator = torch.Generator().manual_seed(mix_seed("order", self.seed, epoch))
         return torch.randperm(self.dataset_len, generator=generator)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def _batches(self, device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, int]]:
+        """(this rank's indices, epoch) of each step from ``start_step`` on; the indices are
+        sliced from the epoch's permutation, copied to ``device`` once per epoch."""
         step = self.start_step
         epoch, order = -1, torch.empty(0, dtype=torch.long)
         while True:
             step_epoch, k = divmod(step, self.steps_per_epoch)
             if step_epoch != epoch:
-                epoch, order = step_epoch, self.permutation(step_epoch)
+                epoch, order = step_epoch, self.permutation(step_epoch).to(device)
             start = k * self.global_batch + self.rank * self.local_batch
-            yield [(i, epoch) for i in order[start : start + self.local_batch].tolist()]
+            yield order[start : start + self.local_batch], epoch
             step += 1
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for indices, epoch in self._batches():
+            yield [(i, epoch) for i in indices.tolist()]
+
+    def device_keys(
+        self, device: torch.device | str, indices: Sequence[int] | None = None
+    ) -> Iterator[torch.Tensor]:
+        """The same stream as (B, 2) int64 ``[index, epoch]`` tensors made on ``device``, with no
+        host work per image; ``indices`` maps positions to a subset's indices (KeyedSubset)."""
+        lookup = None if indices is None else torch.as_tensor(indices, device=device)
+        for positions, epoch in self._batches(device):
+            index = positions if lookup is None else lookup[positions]
+            yield torch.stack((index, torch.full_like(index, epoch)), 1)
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> range:
