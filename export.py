@@ -1,10 +1,10 @@
-"""Write a trained checkpoint in Google's .npz layout, for ``load_from``, timm or JAX code.
+"""Write a trained checkpoint in Google's .npz layout, for load_from, timm or JAX code.
 
-    python export.py --checkpoint output/cifar10-100_500_checkpoint.bin --output model.npz
+python export.py --checkpoint output/cifar10-100_500_checkpoint.bin --output model.npz
 
-The model flags default to those recorded with the checkpoint (the ``.json`` beside a ``.bin``, or
-inside a ``_last.pt``); a bare ``.bin`` of the reference implementation needs them on the
-command line. ``--img_size`` other than the training one resizes the position embedding first.
+The model flags default to those recorded with the checkpoint (the .json beside a .bin, or inside
+a _last.pt); a bare .bin of the reference implementation needs them on the command line. An
+--img_size other than the training one resizes the position embedding first.
 """
 
 from __future__ import annotations

@@ -1,27 +1,105 @@
-"""What the entry scripts share: one-line errors for user mistakes, and the model flags."""
+"""What the entry scripts share: one command-line grammar, one-line errors for user mistakes, and
+the model flags.
+
+The grammar, the same in every script: each ``--flag_name`` is also accepted as ``--flag-name``
+(``--help`` shows the first, the reference's spelling); ``@FILE`` reads flags from a file (a
+recipe), and flags typed after it override it, as a later flag overrides an earlier one. A
+repeatable flag (``--config``) adds to the file's values instead; for ``--config`` the later
+``KEY=VALUE`` of a key wins, so the effect is the same.
+"""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from models.configs import CONFIGS
 from models.errors import UserError
 from utils.data.datasets import DATASETS
 
+GRAMMAR = """\
+Every --flag_name is also accepted as --flag-name. @FILE reads flags from FILE, as many to a line
+as you like, a # starting a comment; flags typed after @FILE override its own."""
+
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage dump), with exit code 2."""
+    """argparse with the grammar above, which reports a bad flag in one line (no usage dump),
+    with exit code 2."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("fromfile_prefix_chars", "@")
+        kwargs.setdefault("epilog", GRAMMAR)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        tokens = list(sys.argv[1:] if args is None else args)
+        for token in tokens:
+            self._check_flag_file(token)
+        end = tokens.index("--") if "--" in tokens else len(tokens)  # then positionals only
+        tokens[:end] = [self._underscored(token) for token in tokens[:end]]
+        return super().parse_known_args(tokens, namespace)
+
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        """One line of an @FILE: its words, split and quoted as a shell would, up to a ``#`` that
+        starts a word (a comment)."""
+        try:
+            tokens = shlex.split(without_comment(arg_line))
+        except ValueError as error:  # an unclosed quote
+            self.error(f"cannot split the flag-file line {arg_line.strip()!r}: {error}")
+        for token in tokens:
+            self._check_flag_file(token)  # an @FILE inside one
+        return [self._underscored(token) for token in tokens]
+
+    def _check_flag_file(self, token: str) -> None:
+        """Name a missing @FILE in one line (argparse would print errno and the open() text)."""
+        if token[:1] not in (self.fromfile_prefix_chars or ""):
+            return
+        path = Path(token[1:])
+        if not path.is_file():
+            problem = "a folder, not a flag file" if path.is_dir() else "no such flag file"
+            self.error(f"{token}: {problem}; check the path after the @")
+
+    def _underscored(self, token: str) -> str:
+        """``--flag-name[=VALUE]`` as the registered ``--flag_name[=VALUE]`` (or a prefix of one,
+        as argparse allows); every other word as it is, values included."""
+        flag, sep, value = token.partition("=")
+        known = self._option_string_actions
+        if not flag.startswith("--") or "-" not in flag[2:] or flag in known:
+            return token
+        underscored = "--" + flag[2:].replace("-", "_")
+        if underscored in known or (
+            self.allow_abbrev and any(option.startswith(underscored) for option in known)
+        ):
+            return underscored + sep + value
+        return token
+
+
+def without_comment(line: str) -> str:
+    """``line`` up to a ``#`` that starts a word outside quotes (``run#2`` keeps its ``#``)."""
+    quote = None
+    for i, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
 
 
 def add_model_args(parser: argparse.ArgumentParser, from_checkpoint: bool = False) -> None:
     """``--model_type``, ``--config``, ``--img_size``. With ``from_checkpoint`` they default to
     None: the scripts that load a trained model take what its checkpoint records instead."""
     recorded = "the checkpoint's, else " if from_checkpoint else ""
+    recorded_config = "the checkpoint's" if from_checkpoint else "none"
     parser.add_argument(
         "--model_type",
         choices=list(CONFIGS),
@@ -34,7 +112,7 @@ def add_model_args(parser: argparse.ArgumentParser, from_checkpoint: bool = Fals
         default=[],
         metavar="KEY=VALUE",
         help="override a model-config field, repeatable: --config transformer.num_layers=4 "
-        "--config patches.size=4,4" + (" (default: the checkpoint's)" if from_checkpoint else ""),
+        f"--config patches.size=4,4 (default: {recorded_config})",
     )
     parser.add_argument(
         "--img_size",
@@ -49,8 +127,9 @@ def add_data_on_device_arg(parser: argparse.ArgumentParser) -> None:
         "--data_on_device",
         choices=["auto", "on", "off"],
         default="auto",
-        help="keep the uint8 CIFAR images on the GPU and make each batch there (auto: on CUDA "
-        "when the data takes at most a quarter of free memory; 'on' also works on the CPU)",
+        help="auto keeps the uint8 CIFAR images on the GPU and makes each batch there when they "
+        "take at most a quarter of free memory; on does so on any device, the CPU too; off "
+        "uses data-loader workers (default: auto)",
     )
 
 

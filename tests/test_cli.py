@@ -1,0 +1,250 @@
+"""The command-line grammar every script shares (utils/cli.py), the --help of every script, and the
+recipes: each parses with train.py's parser, passes its checks and says what the README says."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bench.throughput
+import evaluate
+import export
+import predict
+import train
+import visualize_attention
+from models.configs import CONFIGS, apply_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.args"))
+SCRIPTS = {
+    "train.py": train,
+    "evaluate.py": evaluate,
+    "predict.py": predict,
+    "visualize_attention.py": visualize_attention,
+    "export.py": export,
+    "bench/throughput.py": bench.throughput,
+}
+
+
+def sample_value(action: argparse.Action) -> list[str]:
+    """A value the action accepts, as words of a command line (none for a switch)."""
+    if action.nargs == 0:
+        return []
+    if action.choices:
+        return [str(list(action.choices)[-1])]
+    if action.type is int:
+        return ["7"]  # no flag's default
+    if action.type is float:
+        return ["0.25"]
+    return ["some-value"]
+
+
+def required_words(parser: argparse.ArgumentParser, leave_out: argparse.Action) -> list[str]:
+    """The positionals and required flags the parser needs, all but ``leave_out``."""
+    words = []
+    for action in parser._actions:
+        if action is leave_out:
+            continue
+        if not action.option_strings:
+            words += sample_value(action)
+        elif action.required:
+            words += [action.option_strings[0], *sample_value(action)]
+    return words
+
+
+def flag_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS]
+
+
+# ---------------------------------------------------------------------------------------------
+# The grammar: hyphens, @FILE, one-line errors
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_hyphen_and_underscore_spellings_parse_alike(script: str) -> None:
+    parser = SCRIPTS[script].build_parser()
+    checked = 0
+    for action in flag_actions(parser):
+        underscored = next((o for o in action.option_strings if "_" in o), None)
+        if underscored is None:
+            continue
+        hyphenated = underscored.replace("_", "-")
+        base, value = required_words(parser, action), sample_value(action)
+        expected = parser.parse_args([*base, underscored, *value])
+        assert getattr(expected, action.dest) != action.default, f"{script} {underscored}"
+        assert parser.parse_args([*base, hyphenated, *value]) == expected, f"{script} {hyphenated}"
+        if value:
+            assert parser.parse_args([*base, f"{hyphenated}={value[0]}"]) == expected
+        checked += 1
+    assert checked >= 1
+
+
+def test_values_and_positionals_keep_their_hyphens() -> None:
+    args = train.build_parser().parse_args(["--name=--my-run", "--output-dir", "out-put"])
+    assert (args.name, args.output_dir) == ("--my-run", "out-put")
+    args = predict.build_parser().parse_args(["--checkpoint", "c.bin", "--", "--top-k", "a-b.png"])
+    assert args.images == ["--top-k", "a-b.png"] and args.top_k == 5
+    # torchrun's spelling, which was a second registered flag before
+    assert train.build_parser().parse_args(["--name", "x", "--local-rank=3"]).local_rank == 3
+
+
+def test_a_misspelled_hyphen_flag_is_reported_as_typed(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stop:
+        train.build_parser().parse_args(["--name", "x", "--num-stepz", "5"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --num-stepz 5" in capsys.readouterr().err
+
+
+def test_flags_after_the_file_override_it_and_before_it_are_overridden(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.args"
+    recipe.write_text(
+        "# a comment line, then a blank one\n"
+        "\n"
+        "--num_steps 500 --warmup-steps 50     # several to a line, and a trailing comment\n"
+        "--learning_rate=0.01\n"
+        "--logdir 'logs #2'                    # quotes keep the space and the #\n"
+        "--output_dir run#2\n"
+        "--config transformer.dropout_rate=0.0\n"
+    )
+    parser = train.build_parser()
+    args = parser.parse_args(["--learning_rate", "0.5", f"@{recipe}", "--name", "r"])
+    assert (args.num_steps, args.warmup_steps, args.learning_rate) == (500, 50, 0.01)
+    assert (args.logdir, args.output_dir) == ("logs #2", "run#2")
+    train.check_args(args)
+
+    args = parser.parse_args(
+        [f"@{recipe}", "--name", "r", "--num-steps", "20", "--warmup_steps", "2",
+         "--config", "transformer.dropout_rate=0.1"]
+    )  # fmt: skip
+    assert (args.num_steps, args.warmup_steps, args.learning_rate) == (20, 2, 0.01)
+    # --config adds to the file's overrides; the later value of a key is the one applied
+    assert apply_overrides(CONFIGS["ViT-B_16"], args.config).transformer.dropout_rate == 0.1
+
+
+@pytest.mark.parametrize("where", ["command line", "inside a flag file", "a folder"])
+def test_a_missing_flag_file_is_one_line_and_exit_code_2(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    missing = tmp_path / "recipes" / "no-such.args"
+    if where == "inside a flag file":
+        outer = tmp_path / "outer.args"
+        outer.write_text(f"--num_steps 5\n@{missing}\n")
+        argv = [f"@{outer}", "--name", "x"]
+    elif where == "a folder":
+        missing = tmp_path
+        argv = [f"@{tmp_path}", "--name", "x"]
+    else:
+        argv = ["--name", "x", f"@{missing}"]
+    with pytest.raises(SystemExit) as stop:
+        train.build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err.count("\n") == 1 and err.startswith(train.build_parser().prog + ": error: ")
+    assert str(missing) in err and "Errno" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# --help
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_one_spelling_per_flag_each_explained_with_its_default(script: str) -> None:
+    parser = SCRIPTS[script].build_parser()
+    text = parser.format_help()  # what --help prints
+    assert "``" not in text, "reStructuredText markup in --help"
+    shown = re.findall(r"(?m)^  (-.*?)(?:  |$)", text)  # the option column
+    spellings: dict[str, set[str]] = {}
+    for entry in shown:
+        for flag in re.findall(r"--[\w-]+", entry):
+            spellings.setdefault("--" + flag[2:].replace("-", "_"), set()).add(flag)
+    assert len(spellings) > 3
+    assert [s for s in spellings.values() if len(s) > 1] == [], "two spellings of a flag"
+
+    for action in parser._actions:
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help and action.help != argparse.SUPPRESS, f"{name}: no help text"
+        if isinstance(action, argparse._HelpAction) or action.nargs == 0 or action.required:
+            continue
+        if not action.option_strings:
+            continue
+        stated = re.search(r"\S.*\(default: (.+)\)$", action.help, re.DOTALL)
+        assert stated, f"{name}: help should end with (default: ...): {action.help!r}"
+        default = action.default
+        if default is None or isinstance(default, list):
+            continue  # described in words: the checkpoint's, none, cuda when available
+        try:
+            value = (action.type or str)(stated[1])
+        except ValueError:
+            continue  # a default that depends on the machine, e.g. min(4, CPU count)
+        assert value == default, f"{name}: help says {stated[1]!r}, the default is {default!r}"
+
+
+def test_help_on_the_command_line_is_the_same_text() -> None:
+    done = subprocess.run(
+        [sys.executable, "export.py", "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stderr == ""
+    assert "``" not in done.stdout and "--img_size" in done.stdout
+    assert "--flag-name" in done.stdout  # the grammar, in the epilog
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes
+
+
+def recipe_header(path: Path) -> dict[str, str]:
+    """The ``# Key: value`` lines of a recipe's opening comment, continuation lines joined."""
+    header, key = {}, None
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if match := re.match(r"# ([A-Z][\w ]+?): (.*)", line):
+            key = match[1]
+            header[key] = match[2]
+        elif key and line.startswith("#   "):
+            header[key] += " " + line[4:]
+    return header
+
+
+def readme_recipes() -> dict[str, list[str]]:
+    """Recipe name -> the other cells of its row in the README's Recipes table."""
+    section = (REPO / "README.md").read_text().split("\n## Recipes\n")[1].split("\n## ")[0]
+    rows = {}
+    for line in section.splitlines():
+        if match := re.match(r"\| \[`([\w-]+)`\]\(recipes/\1\.args\) \|(.*)\|$", line):
+            rows[match[1]] = [cell.strip() for cell in match[2].split("|")]
+    return rows
+
+
+def test_there_are_recipes_and_the_readme_lists_each_once() -> None:
+    assert len(RECIPES) >= 5
+    assert sorted(readme_recipes()) == sorted(path.stem for path in RECIPES)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_a_recipe_parses_passes_train_checks_and_states_its_numbers(path: Path) -> None:
+    words = [w for line in path.read_text().splitlines() for w in line.split("#")[0].split()]
+    assert "--name" not in words, "the run's name is the user's"
+    args = train.build_parser().parse_args([f"@{path}", "--name", "run"])
+    train.check_args(args)  # the checks train.py makes before anything else
+
+    header = recipe_header(path)
+    assert {"Source", "Published accuracy", "Expected time on one H100"} <= set(header)
+    assert args.dataset in path.stem.split("-")
+    accuracy, batch, steps, resolution = readme_recipes()[path.stem]
+    published = re.match(r"[\d.]+ %", header["Published accuracy"])
+    assert published and accuracy.startswith(published[0]), (accuracy, header)
+    assert int(batch) == args.train_batch_size  # one process: the global batch
+    assert int(steps.replace(",", "")) == args.num_steps
+    assert resolution == f"{args.img_size} px"
+
+
+def test_a_flag_typed_after_a_recipe_overrides_it() -> None:
+    path = REPO / "recipes" / "vit-b16-cifar10-google.args"
+    args = train.build_parser().parse_args([f"@{path}", "--name", "run", "--img-size", "224"])
+    assert args.img_size == 224 and args.num_steps == 10000
