@@ -1,11 +1,16 @@
-"""Evaluate a trained checkpoint on the test set: accuracy, loss, per-class table, figure.
+"""Evaluate a trained checkpoint: top-1 and top-5 accuracy, loss, per-class table, figure.
 
 python evaluate.py --checkpoint output/cifar10-100_500_checkpoint.bin --data_dir data
 
-The model flags and data set default to those recorded beside the checkpoint. The accuracy is the
-one train.py logged for that checkpoint on the test set: the same images, transform, batch size
-and precision (pass --precision to match a run trained with fp16 or bf16). For --dataset
-imagefolder the test set is --data_dir/val, as in training.
+The model flags and data set default to those recorded beside the checkpoint. --split names the
+images as train.py's log does, and the accuracy is the one train.py logged for that checkpoint
+under that name: the same images, transform, batch size and precision (pass --precision to match
+a run trained with fp16 or bf16).
+
+  test  CIFAR's test batch; for --dataset imagefolder, --data_dir/val (train.py's test set)
+  val   the --val_split hold-out of the training images (CIFAR's, or --data_dir/train), rebuilt
+        from the fraction and seed of the checkpoint's run; for a .bin these come from the
+        <name>_last.pt of the same run beside it
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import torch
 
 from models.errors import UsageError
 from utils.cli import (
@@ -24,13 +32,15 @@ from utils.cli import (
     run_main,
 )
 from utils.data.cifar import CIFAR, ensure_cifar
-from utils.data.datasets import load_test_set
+from utils.data.datasets import load_test_set, load_validation_set
 from utils.data.device_batches import DeviceCopies, use_device_data
 from utils.data.loader import evaluation_batches
+from utils.data.sampling import unwrap_subset
 from utils.inspection.figures import confusion_matrix_image, save_png
-from utils.inspection.inference import load_from_args
+from utils.inspection.inference import load_from_args, open_checkpoint
 from utils.training.engine import evaluate
 from utils.training.precision import Precision
+from utils.training.run_files import RunFiles, read_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,18 +49,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_args(p)
     p.add_argument("--data_dir", default="data", help="data sets, downloaded (default: data)")
     p.add_argument(
+        "--split",
+        choices=["test", "val"],
+        default="test",
+        help="the images train.py logged under that name: test is CIFAR's test batch or an image "
+        "folder's val/; val is the --val_split hold-out of the training images, rebuilt from the "
+        "fraction and seed the checkpoint's run recorded (default: test)",
+    )
+    p.add_argument(
         "--output_dir",
         default="eval",
         help="where confusion_matrix.png and metrics.json go (default: eval)",
     )
-    p.add_argument("--eval_batch_size", type=int, default=64, help="(default: 64, as train.py)")
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument(
+        "--eval_batch_size",
+        type=int,
+        default=64,
+        help="images per forward pass, as train.py's (default: 64)",
+    )
+    p.add_argument(
+        "--num_workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="data-loader worker processes (default: min(4, CPU count))",
+    )
     add_data_on_device_arg(p)
     p.add_argument(
         "--precision",
         choices=["fp32", "fp16", "bf16"],
         default="fp32",
-        help="autocast precision; the training run's reproduces its logged accuracy (fp32)",
+        help="autocast precision; the training run's reproduces its logged accuracy "
+        "(default: fp32)",
     )
     return p
 
@@ -66,26 +95,85 @@ def class_table(cm, classes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def trained_split(path: str) -> tuple[float, int]:
+    """The --val_split and --seed of the run that wrote ``path``, which fix its hold-out.
+
+    A _last.pt records them; a .bin's .json records only the model flags, so for a .bin they
+    come from the _last.pt that the same run wrote beside it.
+    """
+    checkpoint = open_checkpoint(path)
+    recorded = checkpoint.args
+    run = RunFiles(checkpoint.path.parent, checkpoint.path.stem.removesuffix("_checkpoint"))
+    if "val_split" not in recorded and run.last != checkpoint.path and run.last.is_file():
+        recorded = read_weights(run.last)[1].get("args", {})
+    if "val_split" not in recorded or "seed" not in recorded:
+        raise UsageError(
+            f"--split val: {checkpoint.path} does not record the --val_split and --seed it was "
+            "trained with; keep the <name>_last.pt of its run beside it, or use --split test"
+        )
+    if not recorded["val_split"] > 0:
+        raise UsageError(
+            f"--split val: {checkpoint.path} was trained without --val_split, so it has no "
+            "validation images (it was selected on the test set: use --split test); train with "
+            "--val_split 0.1 to hold some out"
+        )
+    return float(recorded["val_split"]), int(recorded["seed"])
+
+
+class TopKHits(torch.nn.Module):
+    """The model unchanged, counting on the side the images whose label is among its ``k``
+    highest logits: top-k accuracy from the very pass in which ``evaluate`` scores top-1.
+
+    Feed ``evaluate`` the loader through :meth:`batches`, which holds each batch's labels for
+    the forward pass that follows it.
+    """
+
+    def __init__(self, model: torch.nn.Module, k: int) -> None:
+        super().__init__()
+        self.model, self.k = model, k
+        self.hits = torch.zeros((), dtype=torch.long)  # on the device once a batch is counted
+        self.labels: torch.Tensor | None = None
+
+    def batches(self, loader: Iterable) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in loader:
+            self.labels = labels
+            yield images, labels
+
+    def forward(self, images: torch.Tensor) -> tuple:
+        out = self.model(images)
+        top = out[0].topk(self.k, dim=-1).indices  # (B, k)
+        labels = self.labels.to(top.device)[:, None]  # (B, 1)
+        self.hits = self.hits.to(top.device) + (top == labels).any(-1).sum()
+        return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.eval_batch_size <= 0 or args.num_workers < 0:
         raise UsageError("--eval_batch_size must be positive and --num_workers >= 0")
+    held_out = trained_split(args.checkpoint) if args.split == "val" else None
     loaded = load_from_args(args)
-    classes, device = loaded.classes, loaded.device
+    classes, device, img_size = loaded.classes, loaded.device, loaded.flags.img_size
     if loaded.dataset in CIFAR:
         ensure_cifar(loaded.dataset, args.data_dir)
-    images = load_test_set(loaded.dataset, Path(args.data_dir), loaded.flags.img_size, classes)
-    on_device = use_device_data(args.data_on_device, [images], device)
+    root = Path(args.data_dir)
+    if held_out is None:
+        images = load_test_set(loaded.dataset, root, img_size, classes)
+    else:
+        images = load_validation_set(loaded.dataset, root, img_size, classes, *held_out)
+    on_device = use_device_data(args.data_on_device, [unwrap_subset(images)[0]], device)
     copies = DeviceCopies(device) if on_device else None
     loader = evaluation_batches(
         images, range(len(images)), args.eval_batch_size, args.num_workers, device, copies
     )
     # The very function training scores with: the same accuracy to the last digit.
     precision = Precision(args.precision, device, loss_scale=0)
-    result = evaluate(loaded.model, loader, device, precision, len(classes))
+    counter = TopKHits(loaded.model, min(5, len(classes)))  # top-5 is 1 below five classes
+    result = evaluate(counter, counter.batches(loader), device, precision, len(classes))
+    top5 = int(counter.hits) / result.count
     cm = result.confusion
 
-    print(f"accuracy {result.accuracy:.4f}")
+    print(f"accuracy {result.accuracy:.4f} (top-5 {top5:.4f})")
     print(f"loss {result.loss:.4f}")
     print(f"images {result.count}")
     print(class_table(cm, classes))
@@ -94,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {
         "checkpoint": str(args.checkpoint),
         "dataset": loaded.dataset,
+        "split": args.split,
         "model": str(loaded.flags),
         "accuracy": result.accuracy,
+        "top5_accuracy": top5,
         "loss": result.loss,
         "images": result.count,
         "classes": classes,

@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="image files, or folders: every image Pillow reads inside, recursively, sorted",
     )
     p.add_argument("--top_k", type=int, default=5, help="classes to list per image (default: 5)")
-    p.add_argument("--batch_size", type=int, default=32, help="images per forward pass (32)")
+    p.add_argument(
+        "--batch_size", type=int, default=32, help="images per forward pass (default: 32)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     return p
 
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             results.append({"image": path, "top": top})
     if args.json:
+        for entry in (e for r in results for e in r["top"]):
+            entry["probability"] = round(entry["probability"], 6)  # float64 noise is not signal
         print(json.dumps(results, indent=1))
         return 0
     width = max(len(c) for c in classes)
