@@ -92,16 +92,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--gradient_accumulation_steps micro-batches (default: 512)",
     )
     p.add_argument("--eval_batch_size", type=int, default=64, help="per process (default: 64)")
-    p.add_argument("--eval_every", type=int, default=100, help="steps between evaluations (100)")
+    p.add_argument(
+        "--eval_every", type=int, default=100, help="steps between evaluations (default: 100)"
+    )
     p.add_argument("--learning_rate", type=float, default=3e-2, help="peak SGD lr (default: 3e-2)")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="(default: 0)")
-    p.add_argument("--num_steps", type=int, default=10000, help="optimizer steps (10000)")
-    p.add_argument("--decay_type", choices=["cosine", "linear"], default="cosine")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="SGD weight decay (default: 0)")
+    p.add_argument("--num_steps", type=int, default=10000, help="optimizer steps (default: 10000)")
+    p.add_argument(
+        "--decay_type",
+        choices=["cosine", "linear"],
+        default="cosine",
+        help="learning-rate decay to zero after the warm-up (default: cosine)",
+    )
     p.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up (default: 500)")
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="global-norm clip (1.0)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by launchers")
-    p.add_argument("--seed", type=int, default=42, help="data order, augmentation, init (42)")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="(default: 1)")
+    p.add_argument(
+        "--max_grad_norm", type=float, default=1.0, help="global-norm clip (default: 1.0)"
+    )
+    p.add_argument("--local_rank", type=int, default=-1, help="set by launchers (default: -1)")
+    p.add_argument(
+        "--seed", type=int, default=42, help="data order, augmentation, init (default: 42)"
+    )
+    p.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step; must divide --train_batch_size (default: 1)",
+    )
     p.add_argument("--fp16", action="store_true", help="float16 autocast with loss scaling")
     p.add_argument(
         "--fp16_opt_level",
@@ -113,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss_scale",
         type=float,
         default=0,
-        help="fp16 loss scale: 0 for dynamic scaling, a positive value for a static one (0)",
+        help="fp16 loss scale: 0 for dynamic scaling, a positive value for a static one "
+        "(default: 0)",
     )
     p.add_argument(
         "--precision",
@@ -121,10 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="training precision; bf16 needs no loss scaling (default: fp16 if --fp16, else fp32)",
     )
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument(
+        "--num_workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="data-loader worker processes per training process (default: min(4, CPU count))",
+    )
     add_data_on_device_arg(p)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--log_every", type=int, default=10, help="steps between log lines (10)")
+    p.add_argument(
+        "--log_every", type=int, default=10, help="steps between log lines (default: 10)"
+    )
     p.add_argument(
         "--compile",
         action="store_true",
@@ -134,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         default=None,
-        help="a <name>_last.pt to continue from, or 'auto' for this run's own, if any",
+        help="a <name>_last.pt to continue from, or 'auto' for this run's own, if any "
+        "(default: none)",
     )
     return p
 

@@ -147,7 +147,7 @@ def test_evaluate_reproduces_the_logged_accuracy(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == f"accuracy {trained.accuracy}"
+    assert lines[0].startswith(f"accuracy {trained.accuracy} (top-5 ")
     assert lines[1] == f"loss {trained.loss}"
     assert lines[2] == f"images {trained.images}"
     table = {line.split()[0]: line.split()[1:] for line in lines[4:14]}

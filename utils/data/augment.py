@@ -86,8 +86,10 @@ def draw_boxes(
     device path (``utils.data.device_batches``) both call this.
     """
     u = keyed_uniform(seed, keys, 4 * TRIES + 1)  # (B, 41)
-    img_h, img_w = (  # each (B, 1)
-        torch.as_tensor(size, device=keys.device).double().expand(len(keys))[:, None]
+    img_h, img_w = (  # each (B, 1); an int is filled in on the device, not copied there
+        size.to(keys.device).double()[:, None]
+        if isinstance(size, torch.Tensor)
+        else torch.full((len(keys), 1), float(size), dtype=torch.float64, device=keys.device)
         for size in (height, width)
     )
     target = img_h * img_w * (SCALE[0] + (SCALE[1] - SCALE[0]) * u[:, :TRIES])  # (B, TRIES)

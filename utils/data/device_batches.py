@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from utils.data.augment import CifarDataset, draw_boxes, normalize
 from utils.data.cifar import DataError
+from utils.data.sampling import to_device
 
 
 class DeviceCopies:
@@ -102,17 +103,12 @@ class DeviceBatches:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
-            t = t.pin_memory()  # so that the copy below does not wait for the device
-        return t.to(self.device, non_blocking=True)
-
     @torch.no_grad()
     def train_batch(
         self, keys: Sequence[tuple[int, int]] | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Random-resized-crop batch: ((B, 3, S, S) float32 in [-1, 1], (B,) int64 labels)."""
-        keys = self._to_device(torch.as_tensor(keys, dtype=torch.long))  # (B, 2) [index, epoch]
+        keys = to_device(torch.as_tensor(keys, dtype=torch.long), self.device)  # (B, 2)
         height, width = self.images.shape[-2:]
         top, left, h, w, flip = draw_boxes(self.seed, keys, height, width, self.hflip).unbind(1)
         index = keys[:, 0]
@@ -129,7 +125,7 @@ class DeviceBatches:
         self, indices: Sequence[int] | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole images resized to img_size: ((B, 3, S, S) float32 in [-1, 1], (B,) labels)."""
-        index = self._to_device(torch.as_tensor(indices, dtype=torch.long))  # (B,)
+        index = to_device(torch.as_tensor(indices, dtype=torch.long), self.device)  # (B,)
         x = self.images[index].float()  # (B, 3, 32, 32)
         if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
             size = (self.img_size, self.img_size)

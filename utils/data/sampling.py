@@ -15,6 +15,15 @@ from torch.utils.data import Dataset, Sampler
 from utils.data.augment import mix_seed
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device`` without making the host wait: a CUDA copy from pinned memory is
+    queued like a kernel (from pageable memory it would synchronise the stream)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 class KeyedSubset(Dataset):
     """The items ``indices`` of a dataset, passing ``(index, epoch)`` keys through.
 
@@ -118,7 +127,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         while True:
             step_epoch, k = divmod(step, self.steps_per_epoch)
             if step_epoch != epoch:
-                epoch, order = step_epoch, self.permutation(step_epoch).to(device)
+                epoch, order = step_epoch, to_device(self.permutation(step_epoch), device)
             start = k * self.global_batch + self.rank * self.local_batch
             yield order[start : start + self.local_batch], epoch
             step += 1
@@ -132,7 +141,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     ) -> Iterator[torch.Tensor]:
         """The same stream as (B, 2) int64 ``[index, epoch]`` tensors made on ``device``, with no
         host work per image; ``indices`` maps positions to a subset's indices (KeyedSubset)."""
-        lookup = None if indices is None else torch.as_tensor(indices, device=device)
+        lookup = None if indices is None else to_device(torch.as_tensor(indices), device)
         for positions, epoch in self._batches(device):
             index = positions if lookup is None else lookup[positions]
             yield torch.stack((index, torch.full_like(index, epoch)), 1)

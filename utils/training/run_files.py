@@ -26,7 +26,8 @@ from utils.training.checkpoint import atomic_save
 
 # The flags a .bin's model is rebuilt from, and those a resumed run must repeat.
 MODEL_FLAGS = ("model_type", "config", "img_size", "dataset")
-RESUME_FLAGS = (*MODEL_FLAGS, "seed")
+DATA_FLAGS = ("seed", "val_split")  # which images were held out to select the best weights
+RESUME_FLAGS = (*MODEL_FLAGS, *DATA_FLAGS)
 
 
 @dataclass
@@ -103,7 +104,7 @@ class RunFiles:
         """The best weights, and beside them what evaluate.py, predict.py and export.py need
         to rebuild their model."""
         atomic_save(weights, self.best)
-        record = {"args": {k: args[k] for k in MODEL_FLAGS}, "classes": classes}
+        record = {"args": {k: args[k] for k in (*MODEL_FLAGS, *DATA_FLAGS)}, "classes": classes}
         meta = json.dumps(record).encode()
         atomic_write(self.best.with_suffix(".json"), lambda f: f.write(meta))
 
