@@ -34,10 +34,14 @@ def activation_bytes(
     Each storage is counted once and parameters not at all; what does not grow with the batch
     (autocast's low-precision weight copies, for instance) is per step. The global RNG is left
     as it was, so that dropout masks stay those of a run without the estimate.
+
+    With gradient checkpointing the hooks see only what checkpoint keeps, each block's input;
+    the backward pass then rebuilds one block's activations at a time, so one block's count is
+    added: the peak, not just what waits between the passes.
     """
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-    def saved(batch: int) -> int:
+    def saved(module: nn.Module, shape: tuple[int, ...]) -> int:
         storages: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -46,15 +50,25 @@ def activation_bytes(
                 storages[s.data_ptr()] = s.nbytes()
             return t
 
-        x = torch.randn(batch, 3, img_size, img_size, device=device)
+        # a block's input requires grad, as it does inside the model; the images do not
+        x = torch.randn(shape, device=device, requires_grad=module is not model)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
-            logits = model(x)
-            (logits[0] if isinstance(logits, tuple) else logits).float().sum()
+            out = module(x)
+            (out[0] if isinstance(out, tuple) else out).float().sum()
         return sum(storages.values())
 
+    def per_image_and_step(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
+        one, two = saved(module, (1, *shape)), saved(module, (2, *shape))
+        return two - one, max(0, 2 * one - two)
+
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        one, two = saved(1), saved(2)
-    return two - one, max(0, 2 * one - two)
+        per_image, per_step = per_image_and_step(model, (3, img_size, img_size))
+        encoder = getattr(getattr(model, "transformer", None), "encoder", None)
+        if getattr(encoder, "grad_checkpointing", False):
+            tokens, hidden = model.transformer.embeddings.position_embeddings.shape[1:]
+            block_image, block_step = per_image_and_step(encoder.layer[0], (tokens, hidden))
+            per_image, per_step = per_image + block_image, per_step + block_step
+    return per_image, per_step
 
 
 def available_bytes(device: torch.device) -> int:
