@@ -5,9 +5,10 @@ python -m bench.throughput --compile --json bench.json          # on a GPU: bf16
 python -m bench.throughput --reference_path ~/src/ViT-pytorch   # the reference's own code
 python -m bench.throughput --memory_table                       # largest batches that fit
 
-Peers, all with dropout 0 (timm's and torchvision's defaults; ours via transformer.dropout_rate=0)
-and a 10-class head: ours, timm's ViT, torchvision's ViT and the reference ViT-pytorch model (its
-source from --reference_path, else a stand-in rebuilt from its architecture). Each is timed on
+Peers (--peers), with a 10-class head and dropout 0 (timm's and torchvision's defaults; ours via
+transformer.dropout_rate=0): ours, timm's ViT, torchvision's ViT and the reference ViT-pytorch model
+(its source from --reference_path, else a stand-in rebuilt from its architecture); and "ours
+(config dropout)", ours at its config's dropout, the work train.py does by default. Each is timed on
 the same pre-made on-device batch for a "model train step" (forward, cross-entropy, backward,
 gradient clipping, SGD with momentum) and an "eval step" (no_grad forward). Ours is also timed
 for a "full train step", the batch made by utils.data.device_batches from the uint8 data set, and
@@ -65,6 +66,8 @@ TORCHVISION_NAMES = {
     f"ViT-{k}": f"vit_{k.lower()}" for k in ("B_16", "B_32", "L_16", "L_32", "H_14")
 }
 GIB = 2**30
+PEERS = ("ours", "ours-dropout", "timm", "torchvision", "reference")
+MEMORY_ROWS = ("ViT-B_16@224", "ViT-B_16@384", "ViT-L_16@224", "ViT-L_16@384", "ViT-H_14@224")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default: 3)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help="comma-separated models to time, from " + ", ".join(PEERS) + " (default: all)",
+    )
+    p.add_argument(
+        "--grad_checkpointing",
+        action="store_true",
+        help="recompute each block's activations in the backward pass, in ours and timm's, and "
+        "in the memory table",
+    )
+    p.add_argument(
+        "--memory_rows",
+        default=",".join(MEMORY_ROWS),
+        help="the MODEL@PIXELS rows of --memory_table (default: " + ",".join(MEMORY_ROWS) + ")",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument(
         "--reference_path",
@@ -163,32 +182,54 @@ def load_reference(path: str) -> tuple[type[nn.Module], dict]:
 
 
 def build_peers(args: argparse.Namespace, device: torch.device) -> list[Peer]:
+    """The models of --peers, ours first; a peer that lacks --model_type is left out, with a
+    note."""
     import timm
     import torchvision
 
-    num_classes, size = 10, args.img_size
+    num_classes, size, wanted = 10, args.img_size, args.peers
     ours_config = apply_overrides(CONFIGS[args.model_type], NO_DROPOUT)
-    peers = [
-        Peer(
-            "ours", VisionTransformer(ours_config, size, num_classes, zero_head=True), first_output
-        )
-    ]
+
+    def ours(config) -> VisionTransformer:
+        model = VisionTransformer(config, size, num_classes, zero_head=True)
+        model.set_grad_checkpointing(args.grad_checkpointing)
+        return model
+
+    peers = [Peer("ours", ours(ours_config), first_output)]  # the data path's timings need it
+    if "ours-dropout" in wanted:
+        config = CONFIGS[args.model_type]
+        dropout = f"dropout {config.transformer.dropout_rate:g}"
+        peers.append(Peer(f"ours (config {dropout})", ours(config), first_output))
     timm_name = TIMM_NAMES[args.model_type]
-    timm_model = timm.create_model(timm_name, num_classes=num_classes, img_size=size)
-    peers.append(Peer(f"timm {timm_name}", timm_model, lambda m, x: m(x)))
-    if tv_name := TORCHVISION_NAMES.get(args.model_type):
+    if "timm" in wanted:
+        timm_model = timm.create_model(timm_name, num_classes=num_classes, img_size=size)
+        timm_model.set_grad_checkpointing(args.grad_checkpointing)
+        peers.append(Peer(f"timm {timm_name}", timm_model, lambda m, x: m(x)))
+    tv_name = TORCHVISION_NAMES.get(args.model_type)
+    if "torchvision" in wanted and tv_name:
         tv_model = getattr(torchvision.models, tv_name)(num_classes=num_classes, image_size=size)
         peers.append(Peer(f"torchvision {tv_name}", tv_model, lambda m, x: m(x)))
-    if args.reference_path:
-        ref_class, ref_configs = load_reference(args.reference_path)
-        ref_config, name = ref_configs[args.model_type].copy_and_resolve_references(), "reference"
-        ref_config.transformer.dropout_rate = ref_config.transformer.attention_dropout_rate = 0.0
-    else:
-        from bench.reference_standin import VisionTransformer as ref_class
+    elif "torchvision" in wanted:
+        print(f"note: torchvision has no {args.model_type}; left out")
+    if "reference" in wanted:
+        if args.reference_path:
+            ref_class, ref_configs = load_reference(args.reference_path)
+            name = "reference"
+            ref_config = ref_configs.get(args.model_type)
+            if ref_config is not None:
+                ref_config = ref_config.copy_and_resolve_references()
+                ref_config.transformer.dropout_rate = 0.0
+                ref_config.transformer.attention_dropout_rate = 0.0
+        else:
+            from bench.reference_standin import VisionTransformer as ref_class
 
-        ref_config, name = ours_config, "reference (stand-in)"
-    ref_model = ref_class(ref_config, size, zero_head=True, num_classes=num_classes)
-    peers.append(Peer(name, ref_model, first_output))
+            ref_config, name = ours_config, "reference (stand-in)"
+        if ref_config is None:
+            known = ", ".join(ref_configs)
+            print(f"note: the reference has no {args.model_type} (it has {known}); left out")
+        else:
+            ref_model = ref_class(ref_config, size, zero_head=True, num_classes=num_classes)
+            peers.append(Peer(name, ref_model, first_output))
     for peer in peers:
         peer.model.to(device).train()
         if args.compile:
@@ -384,8 +425,8 @@ def print_table(results: dict[str, dict[str, list[float]]], setup: Setup, cpu_ti
     """Print medians of images/s (per CPU-second if ``cpu_time``), ratios and peak memory."""
     key = {"train": "train_cpu", "eval": "eval_cpu", "full": "full_train_cpu"} if cpu_time else {}
     med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
-    timm = next(m for n, m in med.items() if n.startswith("timm"))
-    ref = next(m for n, m in med.items() if n.startswith("reference"))
+    timm = next((m for n, m in med.items() if n.startswith("timm")), {})
+    ref = next((m for n, m in med.items() if n.startswith("reference")), {})
     train, eval_ = key.get("train", "train"), key.get("eval", "eval")
     rows = [(n, m[train], m[eval_], max(results[n]["train_peak_bytes"])) for n, m in med.items()]
     full = med["ours"][key.get("full", "full_train")]
@@ -401,8 +442,8 @@ def print_table(results: dict[str, dict[str, list[float]]], setup: Setup, cpu_ti
     print("".join(f"{c:>11}" for c in columns) + f"{'peak MiB':>10}")
     ratios = {}
     for name, train_speed, eval_speed, peak in rows:
-        cells = [ratio(train_speed, timm[train]), ratio(train_speed, ref[train])]
-        cells += [ratio(eval_speed, timm[eval_]), ratio(eval_speed, ref[eval_])]
+        cells = [ratio(train_speed, timm.get(train)), ratio(train_speed, ref.get(train))]
+        cells += [ratio(eval_speed, timm.get(eval_)), ratio(eval_speed, ref.get(eval_))]
         ratios[name] = dict(zip(columns, cells, strict=True))
         mib = f"{peak / 2**20:.0f}" if peak else "-"
         print(f"{name:<32}{speed(train_speed):>9}{speed(eval_speed):>9}", end="")
@@ -481,6 +522,13 @@ def largest_batch(model: nn.Module, setup: Setup, img_size: int, step: int = 8) 
     return low
 
 
+def parse_memory_row(text: str) -> tuple[str, int]:
+    model_type, _, pixels = text.strip().partition("@")
+    if model_type not in CONFIGS or not pixels.isdigit():
+        raise UsageError(f"--memory_rows: {text!r} is not MODEL@PIXELS, e.g. ViT-B_16@224")
+    return model_type, int(pixels)
+
+
 def memory_table(args: argparse.Namespace, setup: Setup) -> dict:
     """Largest batch per GPU size; measured on CUDA, computed from a formula elsewhere."""
     measured = setup.device.type == "cuda"
@@ -497,32 +545,38 @@ def memory_table(args: argparse.Namespace, setup: Setup) -> dict:
             "(1.1 x activation bytes per image), activations counted by autograd hooks"
         )
     print(f"{'model':<10}{'img':>5}" + "".join(f"{f'{c} GB':>9}" for c in capacities))
+    if args.grad_checkpointing:
+        print("with --grad_checkpointing: each block's activations recomputed in the backward")
     table = {}
-    for model_type in ("ViT-B_16", "ViT-L_16"):
-        for img_size in (224, 384):
-            config = apply_overrides(CONFIGS[model_type], NO_DROPOUT)
-            model = VisionTransformer(config, img_size, 10, zero_head=True).to(setup.device)
-            if measured:
-                row = []
-                for c in capacities:
-                    with memory_cap(setup.device, c * GIB):
-                        row.append(largest_batch(model, setup, img_size))
-            else:
-                counted = activation_bytes(model, img_size, setup.device, setup.autocast)
-                per_image, per_step = counted
-                static = 12 * sum(p.numel() for p in model.parameters())  # weight, grad, momentum
-                row = [
-                    max(0, math.floor((c * GIB - GIB - static - per_step) / (1.1 * per_image)))
-                    for c in capacities
-                ]
-                print(
-                    f"  {model_type} {img_size}px: {per_image / 2**20:.1f} MiB/image saved for "
-                    f"backward, {per_step / 2**20:.0f} MiB/step, {static / 2**20:.0f} MiB static"
-                )
-            table[f"{model_type}@{img_size}"] = dict(zip(map(str, capacities), row, strict=True))
-            print(f"{model_type:<10}{img_size:>5}" + "".join(f"{b:>9}" for b in row))
-            del model
-    return {"kind": "measured" if measured else "computed", "table": table}
+    for model_type, img_size in args.memory_rows:
+        config = apply_overrides(CONFIGS[model_type], NO_DROPOUT)
+        model = VisionTransformer(config, img_size, 10, zero_head=True).to(setup.device)
+        model.set_grad_checkpointing(args.grad_checkpointing)
+        if measured:
+            row = []
+            for c in capacities:
+                with memory_cap(setup.device, c * GIB):
+                    row.append(largest_batch(model, setup, img_size))
+        else:
+            counted = activation_bytes(model, img_size, setup.device, setup.autocast)
+            per_image, per_step = counted
+            static = 12 * sum(p.numel() for p in model.parameters())  # weight, grad, momentum
+            row = [
+                max(0, math.floor((c * GIB - GIB - static - per_step) / (1.1 * per_image)))
+                for c in capacities
+            ]
+            print(
+                f"  {model_type} {img_size}px: {per_image / 2**20:.1f} MiB/image saved for "
+                f"backward, {per_step / 2**20:.0f} MiB/step, {static / 2**20:.0f} MiB static"
+            )
+        table[f"{model_type}@{img_size}"] = dict(zip(map(str, capacities), row, strict=True))
+        print(f"{model_type:<10}{img_size:>5}" + "".join(f"{b:>9}" for b in row))
+        del model
+    return {
+        "kind": "measured" if measured else "computed",
+        "grad_checkpointing": args.grad_checkpointing,
+        "table": table,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,6 +595,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if min(setup.batch_size, setup.steps, args.repeats, args.img_size) <= 0:
         raise UsageError("--batch_size, --steps, --repeats and --img_size must be positive")
+    args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if unknown := sorted(set(args.peers) - set(PEERS)):
+        raise UsageError(f"--peers: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+    args.memory_rows = [parse_memory_row(row) for row in args.memory_rows.split(",") if row]
     if not cuda:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
 

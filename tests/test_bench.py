@@ -51,7 +51,9 @@ def run_bench(tmp_path: Path, *args: str) -> dict:
 def test_benchmark_times_every_peer_and_writes_json(tmp_path: Path) -> None:
     report = run_bench(tmp_path)
     results = report["results"]
-    assert set(results) == {"ours", "timm vit_tiny_patch16_224", "reference (stand-in)"}
+    assert set(results) == {
+        "ours", "ours (config dropout 0.1)", "timm vit_tiny_patch16_224", "reference (stand-in)",
+    }  # fmt: skip
     for name, figures in results.items():
         assert figures["train"][0] > 0 and figures["eval"][0] > 0, name
     assert results["ours"]["full_train"][0] > 0 and results["ours"]["data_path"][0] > 0
@@ -72,3 +74,35 @@ def test_benchmark_rejects_a_folder_that_is_not_a_checkout(tmp_path: Path) -> No
     result = run_cli(tmp_path, *TINY, "--reference_path", str(tmp_path), script="bench.throughput")
     assert result.returncode == 2 and "no models/modeling.py there" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_peers_are_selectable_and_a_type_the_reference_lacks_is_left_out(tmp_path: Path) -> None:
+    models = tmp_path / "ViT-pytorch" / "models"
+    models.mkdir(parents=True)
+    (models / "configs.py").write_text(FAKE_CONFIGS)
+    (models / "modeling.py").write_text(FAKE_MODELING.replace('"ViT-Ti_16"', '"ViT-B_16"'))
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        tmp_path, *TINY, "--peers", "ours,reference", "--reference_path", str(models.parent),
+        "--json", str(out), script="bench.throughput",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "note: the reference has no ViT-Ti_16 (it has ViT-B_16); left out" in result.stdout
+    assert set(json.loads(out.read_text())["results"]) == {"ours"}
+    wrong = run_cli(tmp_path, *TINY, "--peers", "ours,timmy", script="bench.throughput")
+    assert wrong.returncode == 2 and "--peers: unknown timmy; choose from" in wrong.stderr
+
+
+def test_memory_table_with_grad_checkpointing_fits_more(tmp_path: Path) -> None:
+    tables = {}
+    for extra in ([], ["--grad_checkpointing"]):
+        out = tmp_path / f"memory{len(extra)}.json"
+        result = run_cli(
+            tmp_path, "--device", "cpu", "--memory_table", "--memory_rows", "ViT-B_16@224",
+            "--json", str(out), *extra, script="bench.throughput",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        tables[bool(extra)] = json.loads(out.read_text())["memory_table"]
+    plain, checkpointed = (tables[k]["table"]["ViT-B_16@224"] for k in (False, True))
+    assert tables[True]["grad_checkpointing"] and tables[True]["kind"] == "computed"
+    assert all(checkpointed[c] >= 3 * plain[c] for c in ("24", "40", "80")), (plain, checkpointed)
