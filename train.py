@@ -39,7 +39,13 @@ from utils.training import distributed as dist
 from utils.training.checkpoint import rng_state, set_rng_state
 from utils.training.engine import evaluate, train_step
 from utils.training.logger import Meter, Reporter, setup_logging
-from utils.training.memory import GIB, available_bytes, measure_step
+from utils.training.memory import (
+    GIB,
+    available_bytes,
+    fewest_micro_batches_that_run,
+    measure_step,
+    trial_step_fits,
+)
 from utils.training.precision import Precision
 from utils.training.run_files import RunFiles, TrainingState, read_weights
 from utils.training.scheduler import build_scheduler
@@ -97,7 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--learning_rate", type=float, default=3e-2, help="peak SGD lr (default: 3e-2)")
     p.add_argument("--weight_decay", type=float, default=0.0, help="SGD weight decay (default: 0)")
-    p.add_argument("--num_steps", type=int, default=10000, help="optimizer steps (default: 10000)")
+    p.add_argument(
+        "--num_steps",
+        type=int,
+        default=None,
+        help="optimizer steps; or give --num_epochs instead (default: 10000)",
+    )
+    p.add_argument(
+        "--num_epochs",
+        type=float,
+        default=None,
+        help="passes over the training images instead of --num_steps: steps = epochs x training "
+        "images // global batch, logged; warm-up and evaluation stay in steps (default: none)",
+    )
     p.add_argument(
         "--decay_type",
         choices=["cosine", "linear"],
@@ -114,9 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gradient_accumulation_steps",
-        type=int,
+        type=accumulation,
         default=1,
-        help="micro-batches per optimizer step; must divide --train_batch_size (default: 1)",
+        help="micro-batches per optimizer step; must divide --train_batch_size. 'auto': the "
+        "fewest that fit, found before training (on CUDA by trial steps, on the CPU from the "
+        "memory estimate), with the same global batch, data order and results (default: 1)",
+    )
+    p.add_argument(
+        "--grad_checkpointing",
+        action="store_true",
+        help="recompute each encoder block's activations in the backward pass instead of "
+        "storing them: about a fifth of the activation memory, for 20-35 %% more step time",
     )
     p.add_argument("--fp16", action="store_true", help="float16 autocast with loss scaling")
     p.add_argument(
@@ -150,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--log_every", type=int, default=10, help="steps between log lines (default: 10)"
     )
     p.add_argument(
+        "--save_every",
+        type=int,
+        default=None,
+        help="steps between writes of <name>_last.pt, to bound the work a crash loses "
+        "(default: at each evaluation)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the model for training (its first step, compilation included, is "
@@ -164,28 +197,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def accumulation(text: str) -> int | str:
+    """``--gradient_accumulation_steps``: a count, or ``auto``."""
+    return "auto" if text.lower() == "auto" else int(text)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse values that would crash later or silently train something else than asked."""
+    if args.num_steps is not None and args.num_epochs is not None:
+        raise UsageError("--num_steps and --num_epochs both set the run's length; pass one")
+    if args.num_steps is None and args.num_epochs is None:
+        args.num_steps = 10000
     positive = (
-        "train_batch_size", "eval_batch_size", "num_steps", "eval_every", "img_size",
-        "gradient_accumulation_steps", "log_every", "learning_rate", "max_grad_norm",
+        "train_batch_size", "eval_batch_size", "num_steps", "num_epochs", "eval_every",
+        "img_size", "gradient_accumulation_steps", "log_every", "learning_rate", "max_grad_norm",
+        "save_every",
     )  # fmt: skip
     for flag in positive:
-        if getattr(args, flag) <= 0:
-            raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}")
+        value = getattr(args, flag)
+        if value is not None and value != "auto" and value <= 0:
+            raise UsageError(f"--{flag} must be positive, got {value}")
     for flag in ("warmup_steps", "num_workers", "weight_decay", "loss_scale", "seed"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-    if args.train_batch_size % args.gradient_accumulation_steps:
+    if args.gradient_accumulation_steps != "auto" and (
+        args.train_batch_size % args.gradient_accumulation_steps
+    ):
         raise UsageError(
             f"--train_batch_size {args.train_batch_size} is not divisible by "
             f"--gradient_accumulation_steps {args.gradient_accumulation_steps}"
         )
-    if args.warmup_steps >= args.num_steps:
-        raise UsageError(
-            f"--warmup_steps {args.warmup_steps} is not below --num_steps {args.num_steps}: the "
-            "learning rate would never reach its peak or decay; lower --warmup_steps"
-        )
+    if args.num_steps is not None:
+        check_warmup(args.warmup_steps, args.num_steps)
     if not 0 <= args.val_split < 1:
         raise UsageError(f"--val_split must be in [0, 1), got {args.val_split}")
     if args.name in ("", ".", "..") or "/" in args.name or "\\" in args.name:
@@ -200,6 +243,25 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--fp16 contradicts --precision {args.precision}; pass one of them")
     if args.loss_scale > 0 and not (args.fp16 or args.precision == "fp16"):
         raise UsageError("--loss_scale applies to float16 training only; add --fp16")
+
+
+def check_warmup(warmup_steps: int, num_steps: int) -> None:
+    if warmup_steps >= num_steps:
+        raise UsageError(
+            f"--warmup_steps {warmup_steps} is not below the run's {num_steps} steps: the "
+            "learning rate would never reach its peak or decay; lower --warmup_steps"
+        )
+
+
+def steps_of_epochs(epochs: float, images: int, global_batch: int) -> int:
+    """``--num_epochs`` in optimizer steps (at least one), logged by the caller."""
+    steps = int(epochs * images) // global_batch
+    if steps < 1:
+        raise UsageError(
+            f"--num_epochs {epochs:g} of {images} images is less than one global batch of "
+            f"{global_batch}; raise --num_epochs"
+        )
+    return steps
 
 
 def prepare_output(path: Path) -> None:
@@ -283,12 +345,38 @@ def check_memory(model, args: argparse.Namespace, ctx: dist.Context, precision: 
     return advice
 
 
+def choose_accumulation(model, args, ctx: dist.Context, precision: Precision) -> int:
+    """``--gradient_accumulation_steps auto``: the fewest micro-batches that fit, by trial steps
+    on CUDA and from the memory estimate elsewhere; every process takes the largest count any
+    of them needs, so that all run the same micro-batches."""
+    batch, started = args.train_batch_size, time.perf_counter()
+    if ctx.device.type == "cuda":
+        how = "by trial steps"
+
+        def runs(micro: int) -> bool:
+            return trial_step_fits(model, micro, args.img_size, ctx.device, precision.autocast)
+
+        n = fewest_micro_batches_that_run(batch, runs)
+    else:
+        how = "from the memory estimate"
+        step = measure_step(model, args.img_size, ctx.device, precision.autocast)
+        n = step.fewest_micro_batches(batch, available_bytes(ctx.device))
+    n = max(dist.gather_objects(n or batch))  # none fits: check_memory then says what to do
+    log.info(
+        "--gradient_accumulation_steps auto: %d micro-batch(es) of %d images (found %s in %.1f s)",
+        n, batch // n, how, time.perf_counter() - started,
+    )  # fmt: skip
+    return n
+
+
 def build_model(args: argparse.Namespace, num_classes: int) -> VisionTransformer:
     config = apply_overrides(CONFIGS[args.model_type], args.config)
     try:
-        return VisionTransformer(config, args.img_size, zero_head=True, num_classes=num_classes)
+        model = VisionTransformer(config, args.img_size, zero_head=True, num_classes=num_classes)
     except ValueError as error:
         raise UsageError(f"cannot build {args.model_type}: {error}") from None
+    model.set_grad_checkpointing(args.grad_checkpointing)  # before torch.compile sees it
+    return model
 
 
 def restore_state(files: RunFiles, args: argparse.Namespace, global_batch: int):
@@ -561,17 +649,26 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     # Rank 0's verdict reaches every rank: none is left waiting for a process that has exited.
     dist.on_main_first(lambda: prepare_output(files.output), ctx.is_main)
     global_batch = args.train_batch_size * ctx.world_size
+    data = build_data(args, ctx)
+    if args.num_epochs is not None:
+        args.num_steps = steps_of_epochs(args.num_epochs, len(data.train), global_batch)
+        check_warmup(args.warmup_steps, args.num_steps)
+        log.info(
+            "--num_epochs %g: %d steps of %d images over %d training images",
+            args.num_epochs, args.num_steps, global_batch, len(data.train),
+        )  # fmt: skip
     state = restore_state(files, args, global_batch)
     weights, start = starting_point(args)
     start = (state.start or start) if state is not None else start
     log.info(start if state is None else f"resuming a run that began {start}")
 
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    data = build_data(args, ctx)
     model = build_model(args, len(data.classes)).to(ctx.device)
     precision = Precision(
         args.precision or ("fp16" if args.fp16 else "fp32"), ctx.device, args.loss_scale
     )
+    if args.gradient_accumulation_steps == "auto":
+        args.gradient_accumulation_steps = choose_accumulation(model, args, ctx, precision)
     memory = check_memory(model, args, ctx, precision)  # before a download that might be wasted
     if state is None and weights is not None:
         load_initial_weights(weights, args, ctx, model)
@@ -594,14 +691,18 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     while run.step < args.num_steps:
         optimize_one_step(run, data_path.next_batch(), meter, precision, args, memory)
         evaluate_now = run.step % args.eval_every == 0 or run.step == args.num_steps
+        save_now = not evaluate_now and args.save_every and run.step % args.save_every == 0
         if run.step == first_step and not evaluate_now:
             meter.flush(reporter, timed=False)  # warm-up (and compilation) is not throughput
-        elif run.step % args.log_every == 0 or evaluate_now:
+        elif run.step % args.log_every == 0 or evaluate_now or save_now:
             check_loss(meter.flush(reporter), run.step, precision, files)
         if evaluate_now:
             evaluate_and_save(
                 run, data_path.select, data, precision, ctx, reporter, files, args, start
             )
+            meter.restart_clock()
+        elif save_now:
+            save_last(run, files, args, data.classes, start, ctx.is_main)
             meter.restart_clock()
         if stop_agreed(stop, run.step, args, ctx):
             meter.flush(reporter)

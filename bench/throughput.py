@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--peers",
         default=",".join(PEERS),
-        help="comma-separated models to time, from " + ", ".join(PEERS) + " (default: all)",
+        help="comma-separated models to time; ours is always timed (default: "
+        + ",".join(PEERS)
+        + ")",
     )
     p.add_argument(
         "--grad_checkpointing",

@@ -41,6 +41,8 @@ def sample_value(action: argparse.Action) -> list[str]:
         return ["7"]  # no flag's default
     if action.type is float:
         return ["0.25"]
+    if action.type not in (None, str):  # a parser of its own, e.g. a count or "auto"
+        return ["7"]
     return ["some-value"]
 
 

@@ -9,6 +9,7 @@ those for the backward pass's temporaries, and a margin for everything else.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from collections.abc import Callable
@@ -127,3 +128,47 @@ def measure_step(
     per_image, per_step = activation_bytes(model, img_size, device, autocast)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return StepMemory(per_image, per_step, trainable)
+
+
+def trial_step_fits(
+    model: nn.Module,
+    micro_batch: int,
+    img_size: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+) -> bool:
+    """Whether a forward and backward pass of ``micro_batch`` images runs without running out
+    of memory, with room held for the optimizer's momentum. Leaves no gradient, no cached
+    block and the RNG as it found them."""
+
+    def attempt() -> None:  # its tensors die when it returns or raises
+        momentum = torch.empty(sum(p.numel() for p in model.parameters()), device=device)
+        x = torch.randn(micro_batch, 3, img_size, img_size, device=device)
+        labels = torch.zeros(micro_batch, dtype=torch.long, device=device)
+        with autocast():
+            loss = model(x, labels)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        del momentum
+
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            attempt()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def fewest_micro_batches_that_run(batch: int, runs: Callable[[int], bool]) -> int | None:
+    """The smallest divisor n of ``batch`` for which ``runs(batch // n)``, trying the largest
+    micro-batch first (the answer is usually among the first few); None if none does."""
+    for n in range(1, batch + 1):
+        if batch % n == 0 and runs(batch // n):
+            return n
+    return None

@@ -1,0 +1,177 @@
+"""train.py's memory and length options: --grad_checkpointing, --gradient_accumulation_steps auto,
+--save_every and --num_epochs, each against the run it must equal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from tests.test_train import SMALL
+from utils.training import memory
+from utils.training.run_files import TrainingState
+
+
+def run(tmp_path: Path, subset: Path, name: str, *extra: str) -> int:
+    return train.main(
+        [
+            "--name", name, *SMALL, "--pretrained_dir", "none", "--data_dir", str(subset),
+            "--output_dir", str(tmp_path / "out"), "--logdir", str(tmp_path / "logs"),
+            "--train_batch_size", "16", "--eval_batch_size", "512", "--device", "cpu",
+            "--learning_rate", "0.1", *extra,
+        ]
+    )  # fmt: skip
+
+
+def last_state(tmp_path: Path, name: str) -> TrainingState:
+    return TrainingState.read(tmp_path / "out" / f"{name}_last.pt")
+
+
+def assert_same_weights(a: TrainingState, b: TrainingState, atol: float = 0.0) -> None:
+    assert a.model.keys() == b.model.keys()
+    for key in a.model:
+        torch.testing.assert_close(a.model[key], b.model[key], rtol=0, atol=atol, msg=key)
+
+
+def test_grad_checkpointing_trains_to_the_same_weights(subset: Path, tmp_path: Path) -> None:
+    """Dropout on (the testing config's 0.1): the recomputed blocks draw the same masks."""
+    steps = ["--num_steps", "3", "--eval_every", "3", "--warmup_steps", "1", "--hflip"]
+    assert run(tmp_path, subset, "plain", *steps) == 0
+    assert run(tmp_path, subset, "checkpointed", *steps, "--grad_checkpointing") == 0
+    plain, checkpointed = last_state(tmp_path, "plain"), last_state(tmp_path, "checkpointed")
+    assert_same_weights(plain, checkpointed, atol=1e-6)
+    assert plain.step == checkpointed.step == 3
+
+
+def test_auto_accumulation_takes_the_fewest_micro_batches_that_fit(
+    subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    """On the CPU the estimate decides: with room for a micro-batch of 4 images and not of 8,
+    16 images become 4 micro-batches, and the run equals one typed with the number."""
+    real = memory.measure_step
+    room: dict[str, int] = {}
+
+    def measured(*args, **kwargs) -> memory.StepMemory:
+        step = real(*args, **kwargs)
+        room["bytes"] = (step.needed(4) + step.needed(8)) // 2
+        return step
+
+    monkeypatch.setattr(train, "measure_step", measured)
+    monkeypatch.setattr(train, "available_bytes", lambda device: room["bytes"])
+    steps = ["--num_steps", "3", "--eval_every", "3", "--warmup_steps", "1"]
+    assert run(tmp_path, subset, "auto", *steps, "--gradient_accumulation_steps", "auto") == 0
+    log = capfd.readouterr().err
+    assert "--gradient_accumulation_steps auto: 4 micro-batch(es) of 4 images" in log
+    assert "from the memory estimate" in log
+    assert run(tmp_path, subset, "typed", *steps, "--gradient_accumulation_steps", "4") == 0
+    auto, typed = last_state(tmp_path, "auto"), last_state(tmp_path, "typed")
+    assert_same_weights(auto, typed)
+    assert auto.args["gradient_accumulation_steps"] == 4 and auto.global_batch == 16
+
+
+def test_trial_steps_find_the_largest_micro_batch_that_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CUDA path, with out-of-memory mocked: micro-batches above 24 images fail."""
+    from models.configs import CONFIGS, apply_overrides
+    from models.modeling import VisionTransformer
+
+    config = apply_overrides(CONFIGS["testing"], ["hidden_size=16", "transformer.mlp_dim=32"])
+    model = VisionTransformer(config, img_size=16, num_classes=10)
+    real_forward = model.forward
+    tried = []
+
+    def forward(x, labels=None):
+        tried.append(len(x))
+        if len(x) > 24:
+            raise torch.OutOfMemoryError("CUDA out of memory (mocked)")
+        return real_forward(x, labels)
+
+    monkeypatch.setattr(model, "forward", forward)
+    torch.manual_seed(5)
+    expected_next = torch.rand(1)
+    torch.manual_seed(5)
+    cpu = torch.device("cpu")
+
+    def runs(micro: int) -> bool:
+        return memory.trial_step_fits(
+            model, micro, 16, cpu, lambda: torch.autocast("cpu", enabled=False)
+        )
+
+    n = memory.fewest_micro_batches_that_run(96, runs)
+    assert n == 4 and tried == [96, 48, 32, 24]  # 96 / 4 = 24, the largest that runs
+    assert all(p.grad is None for p in model.parameters())  # nothing left behind
+    assert torch.equal(torch.rand(1), expected_next)  # the RNG as it was: dropout unchanged
+    assert memory.fewest_micro_batches_that_run(7, lambda micro: False) is None
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_crash_after_save_every_loses_nothing(
+    subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed right after the save of step 4 (no evaluation yet), then resumed: the weights of
+    the run that was never interrupted."""
+    steps = ["--num_steps", "6", "--eval_every", "6", "--warmup_steps", "1", "--save_every", "2"]
+    assert run(tmp_path, subset, "straight", *steps) == 0
+    real = train.save_last
+
+    def save_then_crash(r, *args) -> None:
+        real(r, *args)
+        if r.step == 4:
+            raise Crash
+
+    monkeypatch.setattr(train, "save_last", save_then_crash)
+    with pytest.raises(Crash):
+        run(tmp_path, subset, "crashed", *steps)
+    monkeypatch.setattr(train, "save_last", real)
+    assert last_state(tmp_path, "crashed").step == 4
+    assert run(tmp_path, subset, "crashed", *steps, "--resume", "auto") == 0
+    assert_same_weights(last_state(tmp_path, "straight"), last_state(tmp_path, "crashed"))
+
+
+def test_save_every_saves_at_its_steps(
+    subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saved_at = []
+    real = train.save_last
+    monkeypatch.setattr(train, "save_last", lambda r, *a: saved_at.append(r.step) or real(r, *a))
+    steps = ["--num_steps", "7", "--eval_every", "6", "--warmup_steps", "1", "--save_every", "4"]
+    assert run(tmp_path, subset, "every", *steps) == 0
+    assert saved_at == [4, 6, 7]  # its own step, and every evaluation as without it
+
+
+def test_num_epochs_sets_the_steps(subset: Path, tmp_path: Path, capfd) -> None:
+    # 0.1 epoch of the 5,085 training images in global batches of 16: 508 // 16 = 31 steps
+    extra = ["--num_epochs", "0.1", "--eval_every", "100", "--warmup_steps", "1"]
+    assert run(tmp_path, subset, "epochs", *extra, "--log_every", "100") == 0
+    log = capfd.readouterr().err
+    assert "--num_epochs 0.1: 31 steps of 16 images over 5085 training images" in log
+    assert last_state(tmp_path, "epochs").step == 31
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--num_steps", "5", "--num_epochs", "1"], "--num_steps and --num_epochs both set"),
+        (["--num_epochs", "0"], "--num_epochs must be positive"),
+        (["--num_epochs", "0.001"], "is less than one global batch of 16; raise --num_epochs"),
+        (["--num_epochs", "0.01", "--warmup_steps", "5"], "is not below the run's 3 steps"),
+        (["--gradient_accumulation_steps", "often"], "invalid accumulation value: 'often'"),
+        (["--save_every", "0"], "--save_every must be positive"),
+    ],
+)
+def test_length_and_memory_flags_refuse_bad_values(
+    subset: Path, tmp_path: Path, capsys, flags: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        from utils.cli import run_main
+
+        run_main(lambda: run(tmp_path, subset, "bad", *flags), "train.py")
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
