@@ -546,9 +546,9 @@ def memory_table(args: argparse.Namespace, setup: Setup) -> dict:
             "computed as (N GiB - 1 GiB - 12 bytes/parameter - per-step bytes) / "
             "(1.1 x activation bytes per image), activations counted by autograd hooks"
         )
-    print(f"{'model':<10}{'img':>5}" + "".join(f"{f'{c} GB':>9}" for c in capacities))
     if args.grad_checkpointing:
         print("with --grad_checkpointing: each block's activations recomputed in the backward")
+    print(f"{'model':<10}{'img':>5}" + "".join(f"{f'{c} GB':>9}" for c in capacities))
     table = {}
     for model_type, img_size in args.memory_rows:
         config = apply_overrides(CONFIGS[model_type], NO_DROPOUT)
