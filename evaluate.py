@@ -9,8 +9,8 @@ a run trained with fp16 or bf16).
 
   test  CIFAR's test batch; for --dataset imagefolder, --data_dir/val (train.py's test set)
   val   the --val_split hold-out of the training images (CIFAR's, or --data_dir/train), rebuilt
-        from the fraction and seed of the checkpoint's run; for a .bin these come from the
-        <name>_last.pt of the same run beside it
+        from the fraction and seed the checkpoint records (a .bin written before they were
+        recorded in its .json: from the <name>_last.pt of the same run beside it)
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def class_table(cm, classes: list[str]) -> str:
 def trained_split(path: str) -> tuple[float, int]:
     """The --val_split and --seed of the run that wrote ``path``, which fix its hold-out.
 
-    A _last.pt records them; a .bin's .json records only the model flags, so for a .bin they
+    A _last.pt records them, and so does a .bin's .json since 2026-11-30; for an older .bin they
     come from the _last.pt that the same run wrote beside it.
     """
     checkpoint = open_checkpoint(path)
