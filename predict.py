@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
-from PIL import Image
 
 from models.errors import UsageError
 from utils.cli import Parser, add_checkpoint_args, add_model_args, run_main
-from utils.inspection.inference import load_from_args, load_image, preprocess, top_k
+from utils.inspection.inference import collect_images, load_from_args, preprocess, top_k
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,28 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     return p
-
-
-def collect_images(paths: list[str]) -> list[tuple[str, Image.Image]]:
-    """Each file given, and each readable image in each folder given (others noted on stderr)."""
-    found = []
-    for given in paths:
-        folder = Path(given)
-        if not folder.is_dir():
-            found.append((given, load_image(given)))
-            continue
-        inside = []
-        for path in sorted(f for f in folder.rglob("*") if f.is_file()):
-            if any(part.startswith(".") for part in path.relative_to(folder).parts):
-                continue  # hidden files and folders
-            try:
-                inside.append((str(path), load_image(path)))
-            except UsageError as error:
-                print(f"skipping {path}: {error}", file=sys.stderr)
-        if not inside:
-            raise UsageError(f"folder {folder} holds no image that Pillow can read")
-        found += inside
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:

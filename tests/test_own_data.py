@@ -16,6 +16,7 @@ from models.checkpoint import load_resized
 from models.configs import CONFIGS, apply_overrides
 from models.modeling import VisionTransformer
 from models.npz_io import CheckpointError
+from tests.test_tensorboard import hparams_tab, tag_groups_in_order, tags
 from tests.test_train import SMALL, SMALL_CONFIG, event_scalars, run_cli
 from utils.data.augment import CifarDataset
 from utils.data.cifar import CifarArrays, DataError
@@ -81,7 +82,26 @@ def test_trains_on_an_image_folder(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "skipping" in result.stderr and "broken.jpg" in result.stderr
-    assert "(6 images)" in result.stderr  # the val/ folder: 3 classes x 2
+    # val/ (3 classes x 2) selects the best checkpoint: it is named val, as evaluate.py's
+    # --split val names a hold-out that does the same job.
+    assert re.search(r"18 train / 6 val images$", result.stderr, re.M), result.stderr
+    evaluations = re.findall(
+        r"step (\d+): val accuracy [\d.]+, loss [\d.]+ \(6 images", result.stderr
+    )
+    assert evaluations == ["3", "6"] and "test accuracy" not in result.stderr
+    assert "(val set, which also selected it: an optimistic figure; no test set)" in result.stdout
+    logs = tmp_path / "logs" / "folder"
+    scalars = event_scalars(logs)
+    assert [s for s, _ in scalars["val/accuracy"]] == [3, 6] and "val/loss" in scalars
+    assert not [tag for tag in scalars if tag.startswith("test")]
+    assert {"val/confusion_matrix", "val/predictions"} <= tags(logs, "images")
+    accuracies = [a for _, a in scalars["val/accuracy"]]
+    flags, results = hparams_tab(logs)[1]["."]
+    assert flags["dataset"] == "imagefolder" and results == {
+        "verdict/best_accuracy": pytest.approx(max(accuracies)),
+        "verdict/final_accuracy": pytest.approx(accuracies[-1]),
+    }
+    assert tag_groups_in_order(logs) == ["train", "val", "verdict"]
     meta = json.loads((tmp_path / "output" / "folder_checkpoint.json").read_text())
     assert meta["classes"] == ["cat", "dog", "fish"]
     state, meta_pt = read_weights(tmp_path / "output" / "folder_last.pt")
@@ -104,6 +124,32 @@ def test_trains_on_an_image_folder(tmp_path: Path) -> None:
     )  # fmt: skip
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "--data_on_device on needs a CIFAR data set" in refused.stderr
+
+
+@pytest.mark.slow
+def test_image_folder_hold_out_is_val_and_its_val_folder_test(tmp_path: Path) -> None:
+    """With --val_split, a hold-out of train/ selects (val) and val/ is scored at the end (test)."""
+    root = write_image_folder(tmp_path / "images")
+    result = run_cli(
+        tmp_path, "--name", "held", *SMALL, "--dataset", "imagefolder", "--data_dir", str(root),
+        "--pretrained_dir", "none", "--val_split", "0.25", "--train_batch_size", "6",
+        "--num_steps", "4", "--eval_every", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"14 train / 4 val images / 6 test images$", result.stderr, re.M)
+    held_out = re.findall(r"val accuracy [\d.]+, loss [\d.]+ \((\d+) images", result.stderr)
+    assert held_out == ["4", "4"]
+    assert re.search(r"final accuracy [\d.]+ \(test set, final weights\)", result.stdout)
+    logs = tmp_path / "logs" / "held"
+    scalars = event_scalars(logs)
+    assert [s for s, _ in scalars["val/accuracy"]] == [2, 4]
+    ends = ("accuracy_final", "loss_final", "accuracy_best", "loss_best")
+    assert {tag for tag in scalars if tag.startswith("test")} == {f"test/{end}" for end in ends}
+    results = hparams_tab(logs)[1]["."][1]
+    for end in ("final", "best"):
+        [(step, accuracy)] = scalars[f"test/accuracy_{end}"]
+        assert step == 4 and results[f"verdict/test_accuracy_{end}"] == pytest.approx(accuracy)
+    assert tag_groups_in_order(logs) == ["test", "train", "val", "verdict"]
 
 
 def test_validation_split_is_disjoint_fixed_and_world_size_free() -> None:

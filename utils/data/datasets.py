@@ -3,6 +3,9 @@
 With ``--val_split 0`` (the reference's behaviour) the test set does both of the last two jobs.
 With ``--val_split F`` a fixed fraction of the training images, chosen by the seed alone, picks
 the best model and the test set is scored once, at the end, as Google's recipe does.
+
+An image folder's ``val/`` is named for the job it does: ``val`` when it picks the best model
+(``--val_split 0``), ``test`` when it is scored at the end beside a hold-out named ``val``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ class RunData:
     select: Dataset  # scored every --eval_every steps; the best checkpoint is chosen on it
     test: Dataset | None  # scored once at the end, when ``select`` is a validation split
     classes: list[str]
-    select_name: str  # "val" or "test": the TensorBoard prefix of the selection scores
+    select_name: str  # "val" or "test": the selection scores' name in the log and TensorBoard
 
 
 def load_test_set(
@@ -88,4 +91,4 @@ def build_datasets(
             f"{root} has no val/ folder to evaluate on: add {root}/val/<class>/<images> "
             "or hold out part of train/ with --val_split 0.1"
         )
-    return RunData(train, test, None, classes, "test")
+    return RunData(train, test, None, classes, "val" if name == "imagefolder" else "test")

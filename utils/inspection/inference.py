@@ -11,13 +11,15 @@ Shared by ``evaluate.py``, ``predict.py`` and ``visualize_attention.py``:
   shapes and the flags to pass instead (as recorded, or, for a bare state_dict, inferred from
   its shapes by ``utils.inspection.flag_hints``);
 * ``load_image`` / ``preprocess`` turn any image Pillow reads into the tensor the test transform
-  of training makes: bilinear antialiased resize in float32, then [-1, 1];
+  of training makes: bilinear antialiased resize in float32, then [-1, 1]; ``collect_images``
+  reads the files and folders of a command line;
 * ``top_k`` scores a batch of images exactly as training evaluates.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -239,6 +241,28 @@ def load_image(path: str | Path) -> Image.Image:
             f"image {path} cannot be read ({one_line(error)}); pass a file Pillow can open "
             "(PNG, JPEG, BMP, WebP...)"
         ) from None
+
+
+def collect_images(paths: list[str]) -> list[tuple[str, Image.Image]]:
+    """Each file given, and each readable image in each folder given (others noted on stderr)."""
+    found = []
+    for given in paths:
+        folder = Path(given)
+        if not folder.is_dir():
+            found.append((given, load_image(given)))
+            continue
+        inside = []
+        for path in sorted(f for f in folder.rglob("*") if f.is_file()):
+            if any(part.startswith(".") for part in path.relative_to(folder).parts):
+                continue  # hidden files and folders
+            try:
+                inside.append((str(path), load_image(path)))
+            except UsageError as error:
+                print(f"skipping {path}: {error}", file=sys.stderr)
+        if not inside:
+            raise UsageError(f"folder {folder} holds no image that Pillow can read")
+        found += inside
+    return found
 
 
 def preprocess(image: Image.Image, img_size: int) -> torch.Tensor:

@@ -16,6 +16,13 @@ from utils.training import distributed as dist
 
 log = logging.getLogger("vit")
 
+# A run's results as the HParams tab shows them. That tab reads each metric's value from the last
+# point of the run's scalar series of the same tag, so these points are written as scalars too.
+# TensorBoard orders tag groups by name (Scalars and Time Series tabs alike): "verdict" comes
+# after the curves of train/, test/ and val/, where the customary "hparam" comes before them.
+VERDICT_GROUP = "verdict"
+VERDICT = ("best_accuracy", "final_accuracy", "test_accuracy_final", "test_accuracy_best")
+
 
 def setup_logging(is_main: bool) -> None:
     """INFO on rank 0, warnings only elsewhere, so that N processes do not print N logs."""
@@ -71,13 +78,24 @@ class Reporter:
         if self.writer is not None:
             self.writer.add_text(tag, text)
 
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        if self.writer is not None:
-            clean = {
-                k: v if isinstance(v, int | float | str | bool) else str(v)
-                for k, v in hparams.items()
-            }
-            self.writer.add_hparams(clean, metrics, run_name=".")
+    def hparams(self, hparams: dict[str, Any], results: dict[str, float], step: int) -> None:
+        """The run's flags and ``results`` (named in VERDICT) for the HParams tab.
+
+        Every run declares all of VERDICT, the results it lacks included: TensorBoard takes the
+        HParams tab's metric columns from one run of the log folder, whichever it reads first.
+        """
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        assert results.keys() <= set(VERDICT), results.keys()
+        clean = {
+            k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hparams.items()
+        }
+        tags = {f"{VERDICT_GROUP}/{name}": results.get(name) for name in VERDICT}
+        for summary in hparams_summaries(clean, tags):  # experiment, session start and end
+            self.writer.file_writer.add_summary(summary, step)
+        self.scalars({tag: value for tag, value in tags.items() if value is not None}, step)
 
     def close(self) -> None:
         self.bar.close()
