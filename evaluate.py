@@ -7,7 +7,9 @@ images as train.py's log does, and the accuracy is the one train.py logged for t
 under that name: the same images, transform, batch size and precision (pass --precision to match
 a run trained with fp16 or bf16).
 
-  test  CIFAR's test batch; for --dataset imagefolder, --data_dir/val (train.py's test set)
+  test  CIFAR's test batch; for --dataset imagefolder, --data_dir/val, which train.py logs as
+        test beside a --val_split hold-out, and as val without one (it then selected the
+        checkpoint itself)
   val   the --val_split hold-out of the training images (CIFAR's, or --data_dir/train), rebuilt
         from the fraction and seed the checkpoint records (a .bin written before they were
         recorded in its .json: from the <name>_last.pt of the same run beside it)
@@ -53,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["test", "val"],
         default="test",
         help="the images train.py logged under that name: test is CIFAR's test batch or an image "
-        "folder's val/; val is the --val_split hold-out of the training images, rebuilt from the "
-        "fraction and seed the checkpoint's run recorded (default: test)",
+        "folder's val/ (logged as val by a run without --val_split); val is the --val_split "
+        "hold-out of the training images, rebuilt from the fraction and seed the checkpoint's "
+        "run recorded (default: test)",
     )
     p.add_argument(
         "--output_dir",

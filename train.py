@@ -614,7 +614,7 @@ def final_verdict(run: Run, data: RunData, test_batches, files: RunFiles, precis
                   reporter) -> tuple[str, dict[str, float]]:  # fmt: skip
     """The summary's words and the HParams metrics; with a validation split, the test set is
     scored here, once with the final weights and once with the best ones."""
-    metrics = {"hparam/best_accuracy": run.best_acc, "hparam/final_accuracy": run.last_acc}
+    metrics = {"best_accuracy": run.best_acc, "final_accuracy": run.last_acc}
     best = f"best accuracy {run.best_acc:.4f} at step {run.best_step}"
     if data.select_name == "test":
         return (
@@ -623,8 +623,8 @@ def final_verdict(run: Run, data: RunData, test_batches, files: RunFiles, precis
         ), metrics
     if data.test is None:
         return (
-            f"{best} (validation split, no test set) | final accuracy {run.last_acc:.4f} "
-            "(validation)"
+            f"{best} (val set, which also selected it: an optimistic figure; no test set) | "
+            f"final accuracy {run.last_acc:.4f} (val set)"
         ), metrics
     final = evaluate(run.model, test_batches, ctx.device, precision, len(data.classes))
     dist.barrier()  # rank 0 has written the best weights
@@ -635,8 +635,7 @@ def final_verdict(run: Run, data: RunData, test_batches, files: RunFiles, precis
          "test/accuracy_best": best_test.accuracy, "test/loss_best": best_test.loss},
         run.step,
     )  # fmt: skip
-    metrics |= {"hparam/test_accuracy_final": final.accuracy,
-                "hparam/test_accuracy_best": best_test.accuracy}  # fmt: skip
+    metrics |= {"test_accuracy_final": final.accuracy, "test_accuracy_best": best_test.accuracy}
     return (
         f"final accuracy {final.accuracy:.4f} (test set, final weights) | best accuracy "
         f"{best_test.accuracy:.4f} (test set, weights of step {run.best_step}, selected on "
@@ -717,7 +716,7 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     if meter.skipped:
         log.warning("%d steps skipped by the fp16 loss scaler (inf/NaN gradients)", meter.skipped)
     verdict, metrics = final_verdict(run, data, data_path.test(), files, precision, ctx, reporter)
-    reporter.hparams({**vars(args), "config": " ".join(args.config)}, metrics)
+    reporter.hparams({**vars(args), "config": " ".join(args.config)}, metrics, run.step)
     reporter.close()
     if ctx.is_main:
         print(f"summary: {verdict} | {run.step} steps | wall time {wall:.1f} s | "

@@ -591,7 +591,7 @@ def test_training_logs_eval_images_and_hparams(trained: Trained) -> None:
         for kind, found in tags.items():
             found.update(acc.Tags()[kind])
     assert {"test/confusion_matrix", "test/predictions"} <= tags["images"]
-    assert any("hparam" in tag for tag in tags["tensors"] | tags["scalars"])
+    assert {"verdict/best_accuracy", "verdict/final_accuracy"} <= tags["scalars"]  # HParams tab
 
 
 # ---------------------------------------------------------------------------------------------

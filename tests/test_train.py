@@ -114,7 +114,9 @@ def test_trains_from_scratch_end_to_end(tmp_path: Path, subset: Path) -> None:
     assert len(scalars["train/lr"]) == 150 and scalars["train/images_per_second"]
     assert [s for s, _ in scalars["test/accuracy"]] == [50, 100, 150]
     assert math.isclose(scalars["test/accuracy"][-1][1], final, abs_tol=1e-4)
-    assert "test/loss" in scalars and any("hparam" in tag for tag in scalars)
+    assert "test/loss" in scalars
+    for name, summarised in (("best_accuracy", best), ("final_accuracy", final)):  # HParams tab
+        assert scalars[f"verdict/{name}"] == [(150, pytest.approx(summarised, abs=1e-4))]
 
     # The best checkpoint is a plain state_dict in the reference's format.
     config = apply_overrides(CONFIGS["testing"], SMALL_CONFIG)
