@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import importlib.machinery
 import importlib.util
 import json
@@ -49,7 +48,7 @@ from utils.data.cifar import CifarArrays
 from utils.data.device_batches import DeviceBatches
 from utils.data.sampling import GlobalBatchSampler
 from utils.training.device import resolve_device
-from utils.training.memory import activation_bytes
+from utils.training.memory import activation_bytes, fits_in_memory
 from utils.training.precision import Precision
 
 NO_DROPOUT = ["transformer.dropout_rate=0", "transformer.attention_dropout_rate=0"]
@@ -502,15 +501,7 @@ def fits(model: nn.Module, setup: Setup, batch: int, img_size: int) -> bool:
         TrainStep(Peer("", model, first_output), setup, lambda: data)()
         setup.sync()
 
-    try:
-        attempt()
-        return True
-    except torch.OutOfMemoryError:
-        return False
-    finally:
-        model.zero_grad(set_to_none=True)
-        gc.collect()
-        torch.cuda.empty_cache()
+    return fits_in_memory(attempt, model, setup.device)
 
 
 def largest_batch(model: nn.Module, setup: Setup, img_size: int, step: int = 8) -> int:

@@ -130,6 +130,22 @@ def measure_step(
     return StepMemory(per_image, per_step, trainable)
 
 
+def fits_in_memory(attempt: Callable[[], None], model: nn.Module, device: torch.device) -> bool:
+    """Whether ``attempt`` runs without running out of device memory. Write it as a function
+    whose tensors die when it returns or raises; the model's gradients and the allocator's
+    cache are released either way."""
+    try:
+        attempt()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def trial_step_fits(
     model: nn.Module,
     micro_batch: int,
@@ -141,28 +157,19 @@ def trial_step_fits(
     of memory, with room held for the optimizer's momentum. Leaves no gradient, no cached
     block and the RNG as it found them."""
 
-    def attempt() -> None:  # its tensors die when it returns or raises
-        momentum = torch.empty(sum(p.numel() for p in model.parameters()), device=device)
-        x = torch.randn(micro_batch, 3, img_size, img_size, device=device)
-        labels = torch.zeros(micro_batch, dtype=torch.long, device=device)
-        with autocast():
-            loss = model(x, labels)
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        del momentum
-
-    try:
+    def attempt() -> None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            attempt()
-        return True
-    except torch.OutOfMemoryError:
-        return False
-    finally:
-        model.zero_grad(set_to_none=True)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            momentum = torch.empty(sum(p.numel() for p in model.parameters()), device=device)
+            x = torch.randn(micro_batch, 3, img_size, img_size, device=device)
+            labels = torch.zeros(micro_batch, dtype=torch.long, device=device)
+            with autocast():
+                loss = model(x, labels)
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            del momentum
+
+    return fits_in_memory(attempt, model, device)
 
 
 def fewest_micro_batches_that_run(batch: int, runs: Callable[[int], bool]) -> int | None:
