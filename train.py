@@ -515,18 +515,18 @@ class Run:
         if len(state.rng) == ctx.world_size:
             set_rng_state(state.rng[ctx.rank])
 
-    def state(self, rngs: list, args: argparse.Namespace, classes: list[str], start: str):
+    def state(self, rngs: list, args: dict, classes: list[str], start: str) -> TrainingState:
         return TrainingState(
             model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(),
             step=self.step,
-            global_batch=args.train_batch_size * len(rngs),
+            global_batch=args["train_batch_size"] * len(rngs),
             best_acc=self.best_acc,
             best_step=self.best_step,
             rng=rngs,
-            args=vars(args),
+            args=args,
             config=self.model.config.to_dict(),
             classes=classes,
             start=start,
@@ -550,13 +550,13 @@ def build_run(model, args: argparse.Namespace, ctx: dist.Context, precision: Pre
     return Run(model, stepper, optimizer, scheduler, precision.scaler())
 
 
-def optimize_one_step(run: Run, batch, meter: Meter, precision: Precision, args, memory: str):
+def optimize_one_step(run: Run, batch, meter: Meter, precision: Precision, accumulation: int,
+                      max_norm: float, memory: str) -> None:  # fmt: skip
     lr = run.scheduler.get_last_lr()[0]
     try:
         loss, grad_norm = train_step(
-            run.stepper, batch, run.optimizer, run.scaler, precision,
-            args.gradient_accumulation_steps, args.max_grad_norm,
-        )  # fmt: skip
+            run.stepper, batch, run.optimizer, run.scaler, precision, accumulation, max_norm
+        )
     except torch.OutOfMemoryError:
         raise UsageError(f"out of memory in step {run.step + 1}: {memory}") from None
     run.scheduler.step()
@@ -574,22 +574,47 @@ def check_loss(loss: float, step: int, precision: Precision, files: RunFiles) ->
         )
 
 
-def stop_agreed(stop: StopRequest, step: int, args, ctx: dist.Context) -> bool:
+def stop_agreed(stop: StopRequest, step: int, num_steps: int, log_every: int, ctx) -> bool:
     """Whether a signal stops the run now. Under DDP every process must agree on the step it
     stops at, so they ask each other at log steps only."""
-    may_stop = step < args.num_steps and (not ctx.distributed or step % args.log_every == 0)
+    may_stop = step < num_steps and (not ctx.distributed or step % log_every == 0)
     return may_stop and dist.any_rank(stop.signum is not None, ctx.device)
 
 
-def save_last(run: Run, files: RunFiles, args, classes: list[str], start: str, is_main: bool):
-    """``<name>_last.pt``: every process's RNG state, written by rank 0."""
-    rngs = dist.gather_objects(rng_state())
-    if is_main:
-        run.state(rngs, args, classes, start).write(files.last)
+def stop_saved(run: Run, meter: Meter, reporter: Reporter, saver: Saver, signum: int) -> int:
+    """Save the state of a run stopped by a signal; the exit code a shell gives a signal."""
+    meter.flush(reporter)
+    saver.last(run)
+    if saver.is_main:
+        log.warning("stopped by signal at step %d; state saved to %s. Resume with the same "
+                    "command and --resume auto", run.step, saver.files.last)  # fmt: skip
+    reporter.close()
+    return 128 + signum
+
+
+@dataclass
+class Saver:
+    """Writes the run's files; holds what every save records besides the run itself."""
+
+    files: RunFiles
+    args: dict  # the command line, ``vars(args)``
+    classes: list[str]
+    start: str  # the words for the weights the run began from
+    is_main: bool
+
+    def last(self, run: Run) -> None:
+        """``<name>_last.pt``: every process's RNG state, written by rank 0."""
+        rngs = dist.gather_objects(rng_state())
+        if self.is_main:
+            run.state(rngs, self.args, self.classes, self.start).write(self.files.last)
+
+    def best(self, run: Run) -> None:
+        if self.is_main:
+            self.files.save_best(run.model.state_dict(), self.args, self.classes)
 
 
 def evaluate_and_save(run: Run, batches, data: RunData, precision: Precision, ctx, reporter,
-                      files: RunFiles, args: argparse.Namespace, start: str) -> None:  # fmt: skip
+                      saver: Saver) -> None:  # fmt: skip
     """Score the selection set; keep the weights as the best ones when they are."""
     scores = evaluate(run.model, batches, ctx.device, precision, len(data.classes))
     name, step = data.select_name, run.step
@@ -605,9 +630,8 @@ def evaluate_and_save(run: Run, batches, data: RunData, precision: Precision, ct
     run.last_acc = scores.accuracy
     if scores.accuracy > run.best_acc or run.best_step == 0:
         run.best_acc, run.best_step = scores.accuracy, step
-        if ctx.is_main:
-            files.save_best(run.model.state_dict(), vars(args), data.classes)
-    save_last(run, files, args, data.classes, start, ctx.is_main)
+        saver.best(run)
+    saver.last(run)
 
 
 def final_verdict(run: Run, data: RunData, test_batches, files: RunFiles, precision, ctx,
@@ -643,19 +667,48 @@ def final_verdict(run: Run, data: RunData, test_batches, files: RunFiles, precis
     ), metrics
 
 
+def set_length(args: argparse.Namespace, train_images: int, global_batch: int) -> None:
+    """``--num_epochs`` becomes ``--num_steps``, now that the number of images is known."""
+    if args.num_epochs is not None:
+        args.num_steps = steps_of_epochs(args.num_epochs, train_images, global_batch)
+        check_warmup(args.warmup_steps, args.num_steps)
+        log.info(
+            "--num_epochs %g: %d steps of %d images over %d training images",
+            args.num_epochs, args.num_steps, global_batch, train_images,
+        )  # fmt: skip
+
+
+def open_reporter(args: argparse.Namespace, is_main: bool, start: str, step: int) -> Reporter:
+    """TensorBoard (rank 0), with the command line as the run's first text."""
+    reporter = Reporter(Path(args.logdir) / args.name if is_main else None, args.num_steps, step)
+    flags = [f"{k}: {v}" for k, v in sorted(vars(args).items())]
+    reporter.text("args", "  \n".join([start, *flags]))
+    return reporter
+
+
+def finish(run: Run, data: RunData, data_path: DataPath, precision: Precision, ctx, reporter,
+           saver: Saver, meter: Meter, args: argparse.Namespace) -> None:  # fmt: skip
+    """Score the test set where a validation split selected the weights; one summary line."""
+    wall = time.perf_counter() - meter.start
+    if meter.skipped:
+        log.warning("%d steps skipped by the fp16 loss scaler (inf/NaN gradients)", meter.skipped)
+    verdict, metrics = final_verdict(
+        run, data, data_path.test(), saver.files, precision, ctx, reporter
+    )
+    reporter.hparams({**vars(args), "config": " ".join(args.config)}, metrics, run.step)
+    reporter.close()
+    if ctx.is_main:
+        print(f"summary: {verdict} | {run.step} steps | wall time {wall:.1f} s | "
+              f"{meter.images_per_second:.1f} images/s | {saver.start}")  # fmt: skip
+
+
 def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int:
     files = RunFiles(Path(args.output_dir), args.name)
     # Rank 0's verdict reaches every rank: none is left waiting for a process that has exited.
     dist.on_main_first(lambda: prepare_output(files.output), ctx.is_main)
     global_batch = args.train_batch_size * ctx.world_size
     data = build_data(args, ctx)
-    if args.num_epochs is not None:
-        args.num_steps = steps_of_epochs(args.num_epochs, len(data.train), global_batch)
-        check_warmup(args.warmup_steps, args.num_steps)
-        log.info(
-            "--num_epochs %g: %d steps of %d images over %d training images",
-            args.num_epochs, args.num_steps, global_batch, len(data.train),
-        )  # fmt: skip
+    set_length(args, len(data.train), global_batch)
     state = restore_state(files, args, global_batch)
     weights, start = starting_point(args)
     start = (state.start or start) if state is not None else start
@@ -678,17 +731,14 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
 
     data_path = DataPath(data, args, ctx, global_batch, run.step)
     log_setup(args, ctx, data, global_batch, precision)
-    reporter = Reporter(
-        Path(args.logdir) / args.name if ctx.is_main else None, args.num_steps, run.step
-    )
-    reporter.text(
-        "args", "  \n".join([start, *(f"{k}: {v}" for k, v in sorted(vars(args).items()))])
-    )
-    meter = Meter(global_batch, ctx.world_size)
-    first_step = run.step + 1
+    reporter = open_reporter(args, ctx.is_main, start, run.step)
+    saver = Saver(files, vars(args), data.classes, start, ctx.is_main)
+    meter, first_step = Meter(global_batch, ctx.world_size), run.step + 1
+    accumulation, max_norm = args.gradient_accumulation_steps, args.max_grad_norm
     model.train()
     while run.step < args.num_steps:
-        optimize_one_step(run, data_path.next_batch(), meter, precision, args, memory)
+        batch = data_path.next_batch()
+        optimize_one_step(run, batch, meter, precision, accumulation, max_norm, memory)
         evaluate_now = run.step % args.eval_every == 0 or run.step == args.num_steps
         save_now = not evaluate_now and args.save_every and run.step % args.save_every == 0
         if run.step == first_step and not evaluate_now:
@@ -696,31 +746,14 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         elif run.step % args.log_every == 0 or evaluate_now or save_now:
             check_loss(meter.flush(reporter), run.step, precision, files)
         if evaluate_now:
-            evaluate_and_save(
-                run, data_path.select, data, precision, ctx, reporter, files, args, start
-            )
+            evaluate_and_save(run, data_path.select, data, precision, ctx, reporter, saver)
             meter.restart_clock()
         elif save_now:
-            save_last(run, files, args, data.classes, start, ctx.is_main)
+            saver.last(run)
             meter.restart_clock()
-        if stop_agreed(stop, run.step, args, ctx):
-            meter.flush(reporter)
-            save_last(run, files, args, data.classes, start, ctx.is_main)
-            if ctx.is_main:
-                log.warning("stopped by signal at step %d; state saved to %s. Resume with the same "
-                            "command and --resume auto", run.step, files.last)  # fmt: skip
-            reporter.close()
-            return 128 + (stop.signum or signal.SIGTERM)
-
-    wall = time.perf_counter() - meter.start
-    if meter.skipped:
-        log.warning("%d steps skipped by the fp16 loss scaler (inf/NaN gradients)", meter.skipped)
-    verdict, metrics = final_verdict(run, data, data_path.test(), files, precision, ctx, reporter)
-    reporter.hparams({**vars(args), "config": " ".join(args.config)}, metrics, run.step)
-    reporter.close()
-    if ctx.is_main:
-        print(f"summary: {verdict} | {run.step} steps | wall time {wall:.1f} s | "
-              f"{meter.images_per_second:.1f} images/s | {start}")  # fmt: skip
+        if stop_agreed(stop, run.step, args.num_steps, args.log_every, ctx):
+            return stop_saved(run, meter, reporter, saver, stop.signum or signal.SIGTERM)
+    finish(run, data, data_path, precision, ctx, reporter, saver, meter, args)
     return 0
 
 

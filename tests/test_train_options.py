@@ -118,17 +118,17 @@ def test_a_crash_after_save_every_loses_nothing(
     the run that was never interrupted."""
     steps = ["--num_steps", "6", "--eval_every", "6", "--warmup_steps", "1", "--save_every", "2"]
     assert run(tmp_path, subset, "straight", *steps) == 0
-    real = train.save_last
+    real = train.Saver.last
 
-    def save_then_crash(r, *args) -> None:
-        real(r, *args)
+    def save_then_crash(saver: train.Saver, r: train.Run) -> None:
+        real(saver, r)
         if r.step == 4:
             raise Crash
 
-    monkeypatch.setattr(train, "save_last", save_then_crash)
+    monkeypatch.setattr(train.Saver, "last", save_then_crash)
     with pytest.raises(Crash):
         run(tmp_path, subset, "crashed", *steps)
-    monkeypatch.setattr(train, "save_last", real)
+    monkeypatch.setattr(train.Saver, "last", real)
     assert last_state(tmp_path, "crashed").step == 4
     assert run(tmp_path, subset, "crashed", *steps, "--resume", "auto") == 0
     assert_same_weights(last_state(tmp_path, "straight"), last_state(tmp_path, "crashed"))
@@ -138,8 +138,8 @@ def test_save_every_saves_at_its_steps(
     subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     saved_at = []
-    real = train.save_last
-    monkeypatch.setattr(train, "save_last", lambda r, *a: saved_at.append(r.step) or real(r, *a))
+    real = train.Saver.last
+    monkeypatch.setattr(train.Saver, "last", lambda s, r: saved_at.append(r.step) or real(s, r))
     steps = ["--num_steps", "7", "--eval_every", "6", "--warmup_steps", "1", "--save_every", "4"]
     assert run(tmp_path, subset, "every", *steps) == 0
     assert saved_at == [4, 6, 7]  # its own step, and every evaluation as without it
