@@ -115,10 +115,15 @@ def trained_split(path: str) -> tuple[float, int]:
             "trained with; keep the <name>_last.pt of its run beside it, or use --split test"
         )
     if not recorded["val_split"] > 0:
+        selected_on = (
+            "the --data_dir/val folder, which --split test scores"
+            if recorded.get("dataset") == "imagefolder"
+            else "the test set: use --split test"
+        )
         raise UsageError(
             f"--split val: {checkpoint.path} was trained without --val_split, so it has no "
-            "validation images (it was selected on the test set: use --split test); train with "
-            "--val_split 0.1 to hold some out"
+            f"hold-out (it was selected on {selected_on}); train with --val_split 0.1 to hold "
+            "some out"
         )
     return float(recorded["val_split"]), int(recorded["seed"])
 

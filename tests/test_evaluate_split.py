@@ -136,11 +136,16 @@ def test_split_val_needs_a_run_with_a_val_split(
 
     state = TrainingState.read(cifar_run.last)  # as a run without --val_split writes it
     state.args["val_split"] = 0.0
-    state.write(alone.with_name("held_last.pt"))
-    for checkpoint in (alone, alone.with_name("held_last.pt")):
+    state_path = alone.with_name("held_last.pt")
+    state.write(state_path)
+    for checkpoint in (alone, state_path):
         code, err = run_in_process("evaluate.py", ["--checkpoint", str(checkpoint), *flags], capsys)
         line = one_line_error(code, err, "evaluate.py")
         assert "was trained without --val_split" in line and "--split test" in line
+    state.args["dataset"] = "imagefolder"  # its val/ folder selected the weights, logged as val
+    state.write(alone.with_name("held_last.pt"))
+    code, err = run_in_process("evaluate.py", ["--checkpoint", str(state_path), *flags], capsys)
+    assert "selected on the --data_dir/val folder, which --split test scores" in err
 
 
 @pytest.mark.slow
