@@ -143,7 +143,7 @@ def test_split_val_needs_a_run_with_a_val_split(
         line = one_line_error(code, err, "evaluate.py")
         assert "was trained without --val_split" in line and "--split test" in line
     state.args["dataset"] = "imagefolder"  # its val/ folder selected the weights, logged as val
-    state.write(alone.with_name("held_last.pt"))
+    state.write(state_path)
     code, err = run_in_process("evaluate.py", ["--checkpoint", str(state_path), *flags], capsys)
     assert "selected on the --data_dir/val folder, which --split test scores" in err
 
