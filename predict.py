@@ -15,7 +15,8 @@ import torch
 
 from models.errors import UsageError
 from utils.cli import Parser, add_checkpoint_args, add_model_args, run_main
-from utils.inspection.inference import collect_images, load_from_args, preprocess, top_k
+from utils.inspection.images import collect_images, preprocess
+from utils.inspection.inference import load_from_args, top_k
 
 
 def build_parser() -> argparse.ArgumentParser:

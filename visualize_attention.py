@@ -33,7 +33,8 @@ from PIL import Image
 from models.errors import UsageError
 from utils.cli import Parser, add_checkpoint_args, add_model_args, run_main
 from utils.inspection.figures import attention_figure, attention_title, figure_grid, save_png
-from utils.inspection.inference import collect_images, load_from_args, preprocess
+from utils.inspection.images import collect_images, preprocess
+from utils.inspection.inference import load_from_args
 from utils.inspection.rollout import rollout_masks
 
 MAX_GRID = 64  # figures in one --grid PNG: 8 x 8 of CIFAR's are already some 6700 px wide

@@ -14,6 +14,9 @@ gradient clipping, SGD with momentum) and an "eval step" (no_grad forward). Ours
 for a "full train step", the batch made by utils.data.device_batches from the uint8 data set, and
 the data path alone. Warm-up steps are not timed; the device is synchronised before each clock
 reading; the models take turns for --repeats rounds and the median of each figure is reported.
+
+One file (about 630 lines) because it is one program a user runs on a GPU machine: its peers,
+clocks, report and memory table are read together when a figure is questioned.
 """
 
 from __future__ import annotations

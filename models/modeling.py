@@ -11,7 +11,8 @@ keeps working::
 
 The numerics are Google's (``vit_jax/models_vit.py``): dropout after attention uses
 ``dropout_rate``, position embeddings start from a normal of std 0.02, LayerNorm eps 1e-6,
-exact GELU.
+exact GELU. One file for the whole model (about 310 lines), as nanoGPT keeps its: the classes
+read in the paper's order.
 """
 
 from __future__ import annotations

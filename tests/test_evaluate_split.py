@@ -23,7 +23,8 @@ from utils.data.augment import CifarDataset
 from utils.data.cifar import load_cifar
 from utils.data.class_names import CIFAR10_CLASSES
 from utils.data.datasets import build_datasets, load_validation_set
-from utils.inspection.inference import load_checkpoint_model, load_image, preprocess, top_k
+from utils.inspection.images import load_image, preprocess
+from utils.inspection.inference import load_checkpoint_model, top_k
 from utils.training.run_files import TrainingState
 
 VAL_LINE = r"step (\d+): val accuracy ([\d.]+), loss ([\d.]+) \((\d+) images\)"

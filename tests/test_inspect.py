@@ -20,6 +20,7 @@ from PIL import Image
 from models.configs import CONFIGS, apply_overrides
 from models.errors import UsageError
 from models.modeling import VisionTransformer
+from tests.helpers import confusion_matrix
 from tests.test_train import REPO, SMALL_CONFIG, run_cli
 from utils.cli import run_main
 from utils.data.augment import CifarDataset
@@ -30,18 +31,13 @@ from utils.inspection.figures import (
     RED,
     attention_figure,
     attention_title,
-    confusion_matrix,
     confusion_matrix_image,
     figure_grid,
     log_eval_images,
     prediction_grid,
 )
-from utils.inspection.inference import (
-    class_names,
-    load_checkpoint_model,
-    open_checkpoint,
-    preprocess,
-)
+from utils.inspection.images import preprocess
+from utils.inspection.inference import class_names, load_checkpoint_model, open_checkpoint
 from utils.inspection.rollout import attention_rollout, overlay_heatmap
 from utils.training.engine import evaluate
 from utils.training.precision import Precision
@@ -523,16 +519,21 @@ def test_overlay_is_hottest_where_the_mask_peaks() -> None:
 # Figures and TensorBoard
 
 
-def test_confusion_matrix_counts_by_hand() -> None:
-    labels = [0, 0, 1, 2, 2, 2]
-    preds = [0, 1, 1, 2, 0, 2]
-    expected = [[1, 1, 0], [0, 1, 0], [1, 0, 2]]  # rows true, columns predicted
-    np.testing.assert_array_equal(confusion_matrix(preds, labels, 3), expected)
-    np.testing.assert_array_equal(
-        confusion_matrix(torch.tensor(preds), torch.tensor(labels), 3), expected
-    )
-    with pytest.raises(ValueError, match="outside"):
-        confusion_matrix([3], [0], 3)
+def test_evaluation_counts_the_confusion_matrix_image_by_image() -> None:
+    """engine.evaluate's device-side count (scatter_add over batches) against counting each
+    prediction of the same model by hand."""
+    config = apply_overrides(CONFIGS["testing"], SMALL_CONFIG)
+    torch.manual_seed(0)
+    model = VisionTransformer(config, img_size=32, num_classes=10)
+    images, labels = torch.randn(40, 3, 32, 32), torch.arange(40) % 10
+    batches = list(zip(images.split(16), labels.split(16), strict=True))  # 16 + 16 + 8
+    cpu = torch.device("cpu")
+    scores = evaluate(model, batches, cpu, Precision("fp32", cpu, 0), num_classes=10)
+    with torch.no_grad():
+        preds = model.eval()(images)[0].argmax(-1)
+    expected = confusion_matrix(preds.numpy(), labels.numpy(), 10)
+    np.testing.assert_array_equal(scores.confusion, expected)
+    assert len(np.unique(preds)) > 1 and scores.confusion.sum() == 40  # not one column
 
 
 @pytest.mark.parametrize("names", [CIFAR10_CLASSES, CIFAR100_CLASSES], ids=["10", "100"])

@@ -3,6 +3,8 @@ its attention rollout.
 
 Each figure is an (H, W, 3) uint8 array, ready for TensorBoard's
 ``SummaryWriter.add_image(..., dataformats="HWC")`` (see ``log_eval_images``) or ``save_png``.
+Every figure of the application is here (about 330 lines), because they share the font, text
+fitting and colour helpers at the top.
 """
 
 from __future__ import annotations
@@ -50,19 +52,6 @@ def _to_numpy(values) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
     return np.asarray(values)
-
-
-def confusion_matrix(preds, labels, num_classes: int) -> np.ndarray:
-    """int64 (num_classes, num_classes): entry [t, p] counts images of class t predicted as p."""
-    preds = _to_numpy(preds).astype(np.int64).ravel()
-    labels = _to_numpy(labels).astype(np.int64).ravel()
-    if preds.shape != labels.shape:
-        raise ValueError(f"{len(preds)} predictions for {len(labels)} labels")
-    for name, values in (("prediction", preds), ("label", labels)):
-        if values.size and (values.min() < 0 or values.max() >= num_classes):
-            raise ValueError(f"a {name} is outside [0, {num_classes})")
-    counts = np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes)
 
 
 def _blues(fraction: float) -> tuple[int, int, int]:

@@ -10,32 +10,25 @@ Shared by ``evaluate.py``, ``predict.py`` and ``visualize_attention.py``:
   does not fit raises one :class:`UsageError` line that names the first mismatched keys with their
   shapes and the flags to pass instead (as recorded, or, for a bare state_dict, inferred from
   its shapes by ``utils.inspection.flag_hints``);
-* ``load_image`` / ``preprocess`` turn any image Pillow reads into the tensor the test transform
-  of training makes: bilinear antialiased resize in float32, then [-1, 1]; ``collect_images``
-  reads the files and folders of a command line;
 * ``top_k`` scores a batch of images exactly as training evaluates.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from models.checkpoint import load_resized
 from models.configs import CONFIGS, ConfigOverrideError, apply_overrides
 from models.errors import UsageError, one_line
 from models.modeling import VisionTransformer, uncovered_pixels
 from models.npz_io import CheckpointError, describe_keys
-from utils.data.augment import normalize, resize
 from utils.data.class_names import CLASS_NAMES
 from utils.inspection.flag_hints import config_differences, fitting_flags
 from utils.training.device import resolve_device
@@ -218,61 +211,6 @@ def load_checkpoint_model(
             f"--checkpoint {ckpt.path} was trained with {describe_keys(differences, 3)}; {hint}"
         )
     return model.to(device).eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# Images
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """An image file as RGB; UsageError if it cannot be read.
-
-    Like training's image folders, the pixels are taken as stored (no EXIF rotation), so that a
-    file scores here exactly as it does in evaluation.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"image {path}: no such file")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")  # decodes the whole file
-    except Exception as error:  # UnidentifiedImageError, truncated data, decompression bomb...
-        raise UsageError(
-            f"image {path} cannot be read ({one_line(error)}); pass a file Pillow can open "
-            "(PNG, JPEG, BMP, WebP...)"
-        ) from None
-
-
-def collect_images(paths: list[str]) -> list[tuple[str, Image.Image]]:
-    """Each file given, and each readable image in each folder given (others noted on stderr)."""
-    found = []
-    for given in paths:
-        folder = Path(given)
-        if not folder.is_dir():
-            found.append((given, load_image(given)))
-            continue
-        inside = []
-        for path in sorted(f for f in folder.rglob("*") if f.is_file()):
-            if any(part.startswith(".") for part in path.relative_to(folder).parts):
-                continue  # hidden files and folders
-            try:
-                inside.append((str(path), load_image(path)))
-            except UsageError as error:
-                print(f"skipping {path}: {error}", file=sys.stderr)
-        if not inside:
-            raise UsageError(f"folder {folder} holds no image that Pillow can read")
-        found += inside
-    return found
-
-
-def preprocess(image: Image.Image, img_size: int) -> torch.Tensor:
-    """(3, img_size, img_size) float32 in [-1, 1], as ``CifarDataset`` makes test images.
-
-    Any size or aspect is resized (not cropped) to the square input, bilinear with antialiasing,
-    in float32 on 0..255 values, then normalised with the training mean and std.
-    """
-    pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
-    return normalize(resize(pixels.float(), img_size))  # (3, H, W), 0..255 before normalising
 
 
 # ---------------------------------------------------------------------------------------------
