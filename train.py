@@ -5,8 +5,8 @@ torchrun --nproc_per_node=8 train.py --name cifar10-100_500 --model_type ViT-B_1
 
 Why one file of this length: it is the application a user reads first, top-down. Its parser
 (about a third: every flag with its help and default, the reference's names kept) and the
-argument checks come first, then the named steps that ``train()`` calls, then ``train()``; the
-pieces that have a concept of their own live in ``utils/``.
+argument checks come first, then the named steps that train() calls, then train(); the pieces
+that have a concept of their own live in utils/.
 """
 
 from __future__ import annotations
