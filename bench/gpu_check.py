@@ -8,8 +8,9 @@ Each part is a subprocess with its own time limit, run in order of importance wh
 
 * bench, eager and compiled: ``bench.throughput`` model train steps of --peers, at batch 256;
   ours at dropout 0 and at its config's dropout (what train.py runs);
-* memory: the largest micro-batch per GPU size, plain and with --grad_checkpointing, and the
-  step-time cost of checkpointing;
+* memory: the step-time cost of checkpointing, and the largest micro-batch per GPU size with
+  --grad_checkpointing (B/16 and L/16 at 224 px) and without (H/14, the row not yet measured;
+  the full tables take a call of their own: ``python -m bench.throughput --memory_table``);
 * train.py end to end on the real CIFAR subset, --pretrained_dir none: eager and compiled at
   the config's dropout and at dropout 0, the DataLoader-worker path, and torchrun with one
   process. Its images/s is the summary line's (steps after the first, evaluation excluded), set
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="output/gpu_check",
         help="where the parts write their JSON, logs and checkpoints (default: output/gpu_check)",
     )
+    p.add_argument(
+        "--parts",
+        default=None,
+        help="comma-separated part names to run, e.g. memory_checkpointed for a second call "
+        "(default: all, most important first)",
+    )
     p.add_argument("--json", default=None, help="write the table here too (default: none)")
     return p
 
@@ -118,32 +125,47 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
     no_dropout = ["--config", "transformer.dropout_rate=0"]
     torchrun = [*python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     torchrun.append(str(REPO / "train.py"))
+    compiled_bench = [*bench[:2], "--peers", "ours,ours-dropout", "--repeats", "1"]
+    if args.toy:
+        compiled_bench = [*bench, "--peers", "ours,ours-dropout"]
     parts = [
-        bench_part("bench_eager", *bench, *peers, limit=120),
+        bench_part("bench_eager", *bench, *peers, limit=90),
         train_part("train_eager", *precision, limit=60, row=CONFIG_DROPOUT),
         train_part("train_eager_dropout0", *precision, *no_dropout, limit=60, row="ours"),
-        bench_part("bench_compiled", *bench, *peers, "--compile", limit=180),
         train_part("train_compiled", *precision, "--compile", limit=120, row=CONFIG_DROPOUT),
-        train_part(
-            "train_compiled_dropout0", *precision, *no_dropout, "--compile", limit=120, row="ours"
-        ),
+        bench_part("bench_compiled", *compiled_bench, "--compile", limit=150),
         train_part("train_workers", *precision, *workers, limit=60, row=CONFIG_DROPOUT),
         train_part("train_torchrun", *fp16, limit=60, row=None, launcher=torchrun),
-        bench_part("memory", *bench[:2], "--memory_table", *memory_rows, limit=120),
+        bench_part(
+            "bench_checkpointed", *bench, "--peers", "ours", "--grad_checkpointing", limit=60
+        ),  # fmt: skip
         bench_part(
             "memory_checkpointed",
             *bench[:2],
             "--memory_table",
             "--grad_checkpointing",
-            *memory_rows,
+            *(memory_rows or ["--memory_rows", "ViT-B_16@224,ViT-L_16@224"]),
             limit=120,
         ),  # fmt: skip
         bench_part(
-            "bench_checkpointed", *bench, "--peers", "ours", "--grad_checkpointing", limit=90
+            "memory",
+            *bench[:2],
+            "--memory_table",
+            *(memory_rows or ["--memory_rows", "ViT-H_14@224"]),
+            limit=90,
         ),  # fmt: skip
+        train_part(
+            "train_compiled_dropout0", *precision, *no_dropout, "--compile", limit=120, row="ours"
+        ),
     ]
     if args.toy:  # compiling is minutes on a CPU; the toy check is about the check itself
         parts = [p for p in parts if "compiled" not in p.name]
+    if args.parts:
+        wanted = [name.strip() for name in args.parts.split(",") if name.strip()]
+        if unknown := sorted(set(wanted) - {p.name for p in parts}):
+            known = ", ".join(p.name for p in parts)
+            raise UsageError(f"--parts: unknown {', '.join(unknown)}; choose from {known}")
+        parts = [p for p in parts if p.name in wanted]
     return parts
 
 

@@ -35,3 +35,17 @@ def test_a_folder_without_cifar_is_one_line(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "--toy", "--data_dir", str(tmp_path), script="bench.gpu_check")
     assert result.returncode == 2 and "has no cifar-10-batches-py/ folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_parts_can_be_run_alone(subset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "check.json"
+    result = run_cli(
+        tmp_path, "--toy", "--data_dir", str(subset), "--output_dir", str(tmp_path / "parts"),
+        "--parts", "memory", "--json", str(out), script="bench.gpu_check",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [row["part"] for row in json.loads(out.read_text())["rows"]] == ["memory"]
+    wrong = run_cli(
+        tmp_path, "--toy", "--data_dir", str(subset), "--parts", "memroy", script="bench.gpu_check"
+    )
+    assert wrong.returncode == 2 and "--parts: unknown memroy; choose from" in wrong.stderr
