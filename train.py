@@ -403,7 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(ctx.is_main)
     stop = StopRequest()
     try:
-        return train(args, ctx, stop)
+        code = train(args, ctx, stop)
+        # No process tears its links down while another still uses them (gloo aborts a peer
+        # mid-exchange: "terminate called without an active exception", seen once in CI)
+        dist.barrier()
+        return code
     finally:
         stop.restore()
         dist.cleanup()
