@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
 from models.checkpoint import load_resized
 from models.configs import apply_overrides
@@ -437,56 +436,67 @@ def load_initial_weights(path: Path, args: argparse.Namespace, ctx: dist.Context
         model.load_from(read_npz(path))
 
 
-def make_loader(dataset, args: argparse.Namespace, ctx: dist.Context, **kwargs) -> DataLoader:
-    return worker_loader(dataset, args.num_workers, ctx.device, args.seed, **kwargs)
-
-
-def training_batches(
-    data: RunData, sampler, args: argparse.Namespace, ctx: dist.Context, copies: DeviceCopies | None
-):
-    """A function returning the next (images, labels) on the device, from the chosen data path.
-
-    With ``copies`` (the device copies of the run's images) each batch is made on the device from
-    its keys alone (``utils.data.device_batches``): no workers, no host work per image.
-    Otherwise workers decode and transform every image.
-    """
-    if copies is None:
-        batches = iter(make_loader(data.train, args, ctx, batch_sampler=sampler))
-
-        def next_batch():
-            x, y = next(batches)
-            return x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-
-        return next_batch
-    base, indices = unwrap_subset(data.train)
-    device_data = DeviceBatches.from_dataset(base, ctx.device, copies)
-    keys = sampler.device_keys(ctx.device, indices)
-    log.info("data on %s: %d images, batches made there", ctx.device, len(device_data))
-    return lambda: device_data.train_batch(next(keys))
-
-
-def eval_batches(dataset, args, ctx: dist.Context, copies: DeviceCopies | None):
-    """This process's share of ``dataset``: every image is scored exactly once in all."""
-    share = shard_indices(len(dataset), ctx.rank, ctx.world_size)
-    return evaluation_batches(
-        dataset, share, args.eval_batch_size, args.num_workers, ctx.device, copies
-    )
-
-
 class DataPath:
     """The run's batches: training batches in the global order from ``step`` on, and the
-    evaluation batches of the selection set (and, at the end, of the test set)."""
+    evaluation batches of the selection set (and, at the end, of the test set), made on the
+    device (``--data_on_device``) or by DataLoader workers."""
 
-    def __init__(self, data: RunData, args, ctx: dist.Context, global_batch: int, step: int):
-        sampler = GlobalBatchSampler(
-            len(data.train), global_batch, ctx.rank, ctx.world_size, args.seed, step
-        )
+    def __init__(
+        self,
+        data: RunData,
+        ctx: dist.Context,
+        global_batch: int,
+        step: int,
+        *,
+        seed: int,
+        data_on_device: str,
+        num_workers: int,
+        eval_batch_size: int,
+    ) -> None:
+        self.ctx, self.seed, self.num_workers = ctx, seed, num_workers
+        self.eval_batch_size, self.test_set = eval_batch_size, data.test
         sets = [unwrap_subset(d)[0] for d in (data.train, data.select, data.test) if d]
-        on_device = use_device_data(args.data_on_device, sets, ctx.device)
-        copies = DeviceCopies(ctx.device) if on_device else None
-        self.next_batch = training_batches(data, sampler, args, ctx, copies)
-        self.select = eval_batches(data.select, args, ctx, copies)
-        self.test = lambda: data.test and eval_batches(data.test, args, ctx, copies)
+        on_device = use_device_data(data_on_device, sets, ctx.device)
+        # the device copies of the run's images, shared by sets that share them; None: workers
+        self.copies = DeviceCopies(ctx.device) if on_device else None
+        sampler = GlobalBatchSampler(
+            len(data.train), global_batch, ctx.rank, ctx.world_size, seed, step
+        )
+        self.next_batch = self.training_batches(data.train, sampler)
+        self.select = self.eval_batches(data.select)
+
+    def training_batches(self, train_set, sampler: GlobalBatchSampler):
+        """A function returning the next (images, labels) on the device. On the device path a
+        batch is made there from its keys alone (``utils.data.device_batches``): no workers, no
+        host work per image; otherwise workers decode and transform every image."""
+        device = self.ctx.device
+        if self.copies is None:
+            loader = worker_loader(
+                train_set, self.num_workers, device, self.seed, batch_sampler=sampler
+            )
+            batches = iter(loader)
+
+            def next_batch():
+                x, y = next(batches)
+                return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+            return next_batch
+        base, indices = unwrap_subset(train_set)
+        device_data = DeviceBatches.from_dataset(base, device, self.copies)
+        keys = sampler.device_keys(device, indices)
+        log.info("data on %s: %d images, batches made there", device, len(device_data))
+        return lambda: device_data.train_batch(next(keys))
+
+    def eval_batches(self, dataset):
+        """This process's share of ``dataset``: every image is scored exactly once in all."""
+        share = shard_indices(len(dataset), self.ctx.rank, self.ctx.world_size)
+        return evaluation_batches(
+            dataset, share, self.eval_batch_size, self.num_workers, self.ctx.device, self.copies
+        )
+
+    def test(self):
+        """The test set's batches, or None when the selection set is the test set."""
+        return self.test_set and self.eval_batches(self.test_set)
 
 
 def log_setup(args, ctx: dist.Context, data: RunData, global_batch: int, precision: Precision):
@@ -738,7 +748,10 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     if state is not None:
         run.restore(state, ctx)
 
-    data_path = DataPath(data, args, ctx, global_batch, run.step)
+    data_path = DataPath(
+        data, ctx, global_batch, run.step, seed=args.seed, data_on_device=args.data_on_device,
+        num_workers=args.num_workers, eval_batch_size=args.eval_batch_size,
+    )  # fmt: skip
     log_setup(args, ctx, data, global_batch, precision)
     reporter = open_reporter(args, ctx.is_main, start, run.step)
     saver = Saver(files, vars(args), data.classes, start, ctx.is_main)

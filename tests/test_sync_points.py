@@ -89,9 +89,9 @@ def watched(monkeypatch: pytest.MonkeyPatch) -> HostWaits:
 
     real_init = train.DataPath.__init__
 
-    def init(self, data, args, *rest, **kwargs) -> None:
-        real_init(self, data, args, *rest, **kwargs)
-        if args.data_on_device == "on":
+    def init(self, *args, **kwargs) -> None:
+        real_init(self, *args, **kwargs)
+        if self.copies is not None:  # batches made on the device
             self.next_batch = watch(self.next_batch)
 
     monkeypatch.setattr(train.DataPath, "__init__", init)

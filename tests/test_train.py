@@ -387,34 +387,34 @@ def test_evaluation_batches_on_the_device_are_the_workers(subset: Path) -> None:
     ranks together score every image once, and the validation split shares the training set's
     device copy."""
     from utils.data.datasets import build_datasets
-    from utils.data.device_batches import DeviceCopies, DeviceEvalBatches
-    from utils.data.sampling import GlobalBatchSampler
+    from utils.data.device_batches import DeviceEvalBatches
     from utils.training.distributed import Context
 
     data = build_datasets("cifar10", subset, 40, seed=3, val_split=0.1, hflip=True)
-    args = train.build_parser().parse_args(
-        ["--name", "x", "--num_workers", "0", "--eval_batch_size", "64"]
-    )
-    for dataset in (data.select, data.test):
+
+    def path(ctx: Context, data_on_device: str) -> train.DataPath:
+        return train.DataPath(
+            data, ctx, 12, 0, seed=3, data_on_device=data_on_device, num_workers=0,
+            eval_batch_size=64,
+        )  # fmt: skip
+
+    for name in ("select", "test"):
         labels = []
         for rank in range(3):
             ctx = Context(rank, 3, rank, torch.device("cpu"))
-            copies = DeviceCopies(ctx.device)
-            made = train.eval_batches(dataset, args, ctx, copies)
-            assert isinstance(made, DeviceEvalBatches) and len(copies) == 1
-            loaded = list(train.eval_batches(dataset, args, ctx, None))
+            on_device, workers = path(ctx, "on"), path(ctx, "off")
+            made = on_device.select if name == "select" else on_device.test()
+            loaded = list(workers.select if name == "select" else workers.test())
+            assert isinstance(made, DeviceEvalBatches)
+            # the training set, its validation split and the test set: two device copies
+            assert len(on_device.copies) == 1 + (name == "test") and workers.copies is None
             assert len(list(made)) == len(loaded) == len(made)
             for (x, y), (x_ref, y_ref) in zip(made, loaded, strict=True):
                 torch.testing.assert_close(x, x_ref, rtol=0, atol=2e-6)
                 assert torch.equal(y, y_ref)
                 labels += y.tolist()
+        dataset = data.select if name == "select" else data.test
         assert sorted(labels) == sorted(dataset[i][1] for i in range(len(dataset)))
-    ctx = Context(0, 1, 0, torch.device("cpu"))
-    copies = DeviceCopies(ctx.device)
-    sampler = GlobalBatchSampler(len(data.train), 8, 0, 1, seed=3)
-    train.training_batches(data, sampler, args, ctx, copies)
-    train.eval_batches(data.select, args, ctx, copies)
-    assert len(copies) == 1  # the validation split reuses the training images' device copy
 
 
 def test_both_launcher_spellings_of_local_rank() -> None:
