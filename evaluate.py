@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-import torch
 
 from models.errors import UsageError
 from utils.cli import (
@@ -39,7 +36,7 @@ from utils.data.device_batches import DeviceCopies, use_device_data
 from utils.data.loader import evaluation_batches
 from utils.data.sampling import unwrap_subset
 from utils.inspection.figures import confusion_matrix_image, save_png
-from utils.inspection.inference import load_from_args, open_checkpoint
+from utils.inspection.inference import Checkpoint, load_from_args, open_checkpoint
 from utils.training.engine import evaluate
 from utils.training.precision import Precision
 from utils.training.run_files import RunFiles, read_weights
@@ -98,13 +95,12 @@ def class_table(cm, classes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def trained_split(path: str) -> tuple[float, int]:
-    """The --val_split and --seed of the run that wrote ``path``, which fix its hold-out.
+def trained_split(checkpoint: Checkpoint) -> tuple[float, int]:
+    """The --val_split and --seed of the run that wrote ``checkpoint``, which fix its hold-out.
 
     A _last.pt records them, and so does a .bin's .json since 2026-11-30; for an older .bin they
     come from the _last.pt that the same run wrote beside it.
     """
-    checkpoint = open_checkpoint(path)
     recorded = checkpoint.args
     run = RunFiles(checkpoint.path.parent, checkpoint.path.stem.removesuffix("_checkpoint"))
     if "val_split" not in recorded and run.last != checkpoint.path and run.last.is_file():
@@ -128,39 +124,13 @@ def trained_split(path: str) -> tuple[float, int]:
     return float(recorded["val_split"]), int(recorded["seed"])
 
 
-class TopKHits(torch.nn.Module):
-    """The model unchanged, counting on the side the images whose label is among its ``k``
-    highest logits: top-k accuracy from the very pass in which ``evaluate`` scores top-1.
-
-    Feed ``evaluate`` the loader through :meth:`batches`, which holds each batch's labels for
-    the forward pass that follows it.
-    """
-
-    def __init__(self, model: torch.nn.Module, k: int) -> None:
-        super().__init__()
-        self.model, self.k = model, k
-        self.hits = torch.zeros((), dtype=torch.long)  # on the device once a batch is counted
-        self.labels: torch.Tensor | None = None
-
-    def batches(self, loader: Iterable) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in loader:
-            self.labels = labels
-            yield images, labels
-
-    def forward(self, images: torch.Tensor) -> tuple:
-        out = self.model(images)
-        top = out[0].topk(self.k, dim=-1).indices  # (B, k)
-        labels = self.labels.to(top.device)[:, None]  # (B, 1)
-        self.hits = self.hits.to(top.device) + (top == labels).any(-1).sum()
-        return out
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.eval_batch_size <= 0 or args.num_workers < 0:
         raise UsageError("--eval_batch_size must be positive and --num_workers >= 0")
-    held_out = trained_split(args.checkpoint) if args.split == "val" else None
-    loaded = load_from_args(args)
+    checkpoint = open_checkpoint(args.checkpoint)
+    held_out = trained_split(checkpoint) if args.split == "val" else None
+    loaded = load_from_args(args, checkpoint=checkpoint)
     classes, device, img_size = loaded.classes, loaded.device, loaded.flags.img_size
     if loaded.dataset in CIFAR:
         ensure_cifar(loaded.dataset, args.data_dir)
@@ -176,12 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     # The very function training scores with: the same accuracy to the last digit.
     precision = Precision(args.precision, device, loss_scale=0)
-    counter = TopKHits(loaded.model, min(5, len(classes)))  # top-5 is 1 below five classes
-    result = evaluate(counter, counter.batches(loader), device, precision, len(classes))
-    top5 = int(counter.hits) / result.count
+    result = evaluate(loaded.model, loader, device, precision, len(classes))
     cm = result.confusion
 
-    print(f"accuracy {result.accuracy:.4f} (top-5 {top5:.4f})")
+    print(f"accuracy {result.accuracy:.4f} (top-5 {result.top5_accuracy:.4f})")
     print(f"loss {result.loss:.4f}")
     print(f"images {result.count}")
     print(class_table(cm, classes))
@@ -193,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "split": args.split,
         "model": str(loaded.flags),
         "accuracy": result.accuracy,
-        "top5_accuracy": top5,
+        "top5_accuracy": result.top5_accuracy,
         "loss": result.loss,
         "images": result.count,
         "classes": classes,

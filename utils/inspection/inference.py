@@ -237,11 +237,14 @@ class Loaded:
     flags: ModelFlags
 
 
-def load_from_args(args: argparse.Namespace, vis: bool = False) -> Loaded:
+def load_from_args(
+    args: argparse.Namespace, vis: bool = False, checkpoint: Checkpoint | None = None
+) -> Loaded:
     """The model, class names, device and data set that the flags of ``add_model_args`` and
-    ``add_checkpoint_args`` name, completed from what the checkpoint records."""
+    ``add_checkpoint_args`` name, completed from what the checkpoint records (``checkpoint``:
+    ``--checkpoint`` already opened)."""
     device = resolve_device(args.device)
-    checkpoint = open_checkpoint(args.checkpoint)
+    checkpoint = checkpoint or open_checkpoint(args.checkpoint)
     dataset = args.dataset or checkpoint.args.get("dataset") or "cifar10"
     classes = class_names(checkpoint, dataset)
     flags = resolve_flags(checkpoint, args.model_type, args.config, args.img_size)
