@@ -36,7 +36,7 @@ from utils.data.device_batches import DeviceCopies, use_device_data
 from utils.data.loader import evaluation_batches
 from utils.data.sampling import unwrap_subset
 from utils.inspection.figures import confusion_matrix_image, save_png
-from utils.inspection.inference import Checkpoint, load_from_args, open_checkpoint
+from utils.inspection.inference import Checkpoint, load_from_args
 from utils.training.engine import evaluate
 from utils.training.precision import Precision
 from utils.training.run_files import RunFiles, read_weights
@@ -128,9 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.eval_batch_size <= 0 or args.num_workers < 0:
         raise UsageError("--eval_batch_size must be positive and --num_workers >= 0")
-    checkpoint = open_checkpoint(args.checkpoint)
-    held_out = trained_split(checkpoint) if args.split == "val" else None
-    loaded = load_from_args(args, checkpoint=checkpoint)
+    loaded = load_from_args(args)
+    held_out = trained_split(loaded.checkpoint) if args.split == "val" else None
     classes, device, img_size = loaded.classes, loaded.device, loaded.flags.img_size
     if loaded.dataset in CIFAR:
         ensure_cifar(loaded.dataset, args.data_dir)

@@ -45,6 +45,7 @@ from utils.training.engine import evaluate, train_step
 from utils.training.logger import Meter, Reporter, setup_logging
 from utils.training.memory import (
     GIB,
+    StepMemory,
     available_bytes,
     fewest_micro_batches_that_run,
     measure_step,
@@ -320,9 +321,8 @@ def fetch_pretrained(path: Path, args: argparse.Namespace) -> Path:
         ) from None
 
 
-def check_memory(model, args: argparse.Namespace, ctx: dist.Context, precision: Precision) -> str:
+def check_memory(step: StepMemory, args, ctx: dist.Context, precision: Precision) -> str:
     """Stop before the first step when it cannot fit; return the advice for a later OOM."""
-    step = measure_step(model, args.img_size, ctx.device, precision.autocast)
     available = available_bytes(ctx.device)
     batch = args.train_batch_size
     micro = batch // args.gradient_accumulation_steps
@@ -349,10 +349,12 @@ def check_memory(model, args: argparse.Namespace, ctx: dist.Context, precision: 
     return advice
 
 
-def choose_accumulation(model, args, ctx: dist.Context, precision: Precision) -> int:
+def choose_accumulation(
+    model, step: StepMemory, args, ctx: dist.Context, precision: Precision
+) -> int:
     """``--gradient_accumulation_steps auto``: the fewest micro-batches that fit, by trial steps
-    on CUDA and from the memory estimate elsewhere; every process takes the largest count any
-    of them needs, so that all run the same micro-batches."""
+    on CUDA and from the memory estimate ``step`` elsewhere; every process takes the largest
+    count any of them needs, so that all run the same micro-batches."""
     batch, started = args.train_batch_size, time.perf_counter()
     if ctx.device.type == "cuda":
         how = "by trial steps"
@@ -363,7 +365,6 @@ def choose_accumulation(model, args, ctx: dist.Context, precision: Precision) ->
         n = fewest_micro_batches_that_run(batch, runs)
     else:
         how = "from the memory estimate"
-        step = measure_step(model, args.img_size, ctx.device, precision.autocast)
         n = step.fewest_micro_batches(batch, available_bytes(ctx.device))
     n = max(dist.gather_objects(n or batch))  # none fits: check_memory then says what to do
     log.info(
@@ -738,9 +739,12 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     precision = Precision(
         args.precision or ("fp16" if args.fp16 else "fp32"), ctx.device, args.loss_scale
     )
-    if args.gradient_accumulation_steps == "auto":
-        args.gradient_accumulation_steps = choose_accumulation(model, args, ctx, precision)
-    memory = check_memory(model, args, ctx, precision)  # before a download that might be wasted
+    footprint = measure_step(model, args.img_size, ctx.device, precision.autocast)
+    if args.gradient_accumulation_steps == "auto":  # from here on, a number
+        args.gradient_accumulation_steps = choose_accumulation(
+            model, footprint, args, ctx, precision
+        )
+    memory = check_memory(footprint, args, ctx, precision)  # before a download that might be wasted
     if state is None and weights is not None:
         load_initial_weights(weights, args, ctx, model)
     torch.manual_seed(args.seed + ctx.rank)  # dropout differs across processes, as across shards

@@ -521,11 +521,12 @@ def test_a_step_that_cannot_fit_stops_before_it_with_the_fix(
     model = train.build_model(args, 10)
     precision = train.Precision("fp32", torch.device("cpu"), 0)
     ctx = train.dist.Context(0, 1, 0, torch.device("cpu"))
-    train.check_memory(model, args, ctx, precision)  # the advice fits
+    step = train.measure_step(model, args.img_size, ctx.device, precision.autocast)
+    train.check_memory(step, args, ctx, precision)  # the advice fits
     fewer = max(d for d in range(1, n) if 512 % d == 0)
     args.gradient_accumulation_steps = fewer
     with pytest.raises(train.UsageError):  # and no fewer micro-batches would
-        train.check_memory(model, args, ctx, precision)
+        train.check_memory(step, args, ctx, precision)
 
 
 def test_out_of_memory_in_a_step_is_one_line_with_the_fix(

@@ -59,11 +59,16 @@ def load_validation_set(
         plain = ImageFolderDataset(split, img_size, False)
     else:
         plain = CifarDataset(load_cifar(name, root, train=True), img_size, False)
+    _, val_idx = held_out(len(plain), val_split, seed)
+    return KeyedSubset(plain, val_idx)
+
+
+def held_out(n: int, val_split: float, seed: int) -> tuple[list[int], list[int]]:
+    """``split_indices`` of ``n`` training images, its refusal worded for ``--val_split``."""
     try:
-        _, val_idx = split_indices(len(plain), val_split, seed)
+        return split_indices(n, val_split, seed)
     except ValueError as error:
         raise DataError(f"--val_split {val_split}: {error}") from None
-    return KeyedSubset(plain, val_idx)
 
 
 def build_datasets(
@@ -80,10 +85,7 @@ def build_datasets(
     classes = train.classes
     test = load_test_set(name, root, img_size, classes, optional=True)
     if val_split > 0:
-        try:
-            train_idx, val_idx = split_indices(len(train), val_split, seed)
-        except ValueError as error:
-            raise DataError(f"--val_split {val_split}: {error}") from None
+        train_idx, val_idx = held_out(len(train), val_split, seed)
         select = KeyedSubset(plain, val_idx)
         return RunData(KeyedSubset(train, train_idx), select, test, classes, "val")
     if test is None:

@@ -235,20 +235,18 @@ class Loaded:
     device: torch.device
     dataset: str
     flags: ModelFlags
+    checkpoint: Checkpoint  # what it was loaded from, with what its run recorded
 
 
-def load_from_args(
-    args: argparse.Namespace, vis: bool = False, checkpoint: Checkpoint | None = None
-) -> Loaded:
+def load_from_args(args: argparse.Namespace, vis: bool = False) -> Loaded:
     """The model, class names, device and data set that the flags of ``add_model_args`` and
-    ``add_checkpoint_args`` name, completed from what the checkpoint records (``checkpoint``:
-    ``--checkpoint`` already opened)."""
+    ``add_checkpoint_args`` name, completed from what the checkpoint records."""
     device = resolve_device(args.device)
-    checkpoint = checkpoint or open_checkpoint(args.checkpoint)
+    checkpoint = open_checkpoint(args.checkpoint)
     dataset = args.dataset or checkpoint.args.get("dataset") or "cifar10"
     classes = class_names(checkpoint, dataset)
     flags = resolve_flags(checkpoint, args.model_type, args.config, args.img_size)
     model = load_checkpoint_model(
         flags.model_type, flags.config, flags.img_size, len(classes), checkpoint, vis, device
     )
-    return Loaded(model, classes, device, dataset, flags)
+    return Loaded(model, classes, device, dataset, flags, checkpoint)
