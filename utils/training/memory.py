@@ -113,10 +113,7 @@ class StepMemory:
 
     def fewest_micro_batches(self, batch: int, available: int) -> int | None:
         """The smallest divisor n of ``batch`` whose micro-batches of batch / n fit, if any."""
-        for n in range(1, batch + 1):
-            if batch % n == 0 and self.needed(batch // n) <= available:
-                return n
-        return None
+        return fewest_micro_batches_that_run(batch, lambda micro: self.needed(micro) <= available)
 
 
 def measure_step(
