@@ -341,24 +341,21 @@ def measure(step: Callable, setup: Setup, resident: Callable[[], int] = lambda: 
     return Timing(images / elapsed, images / elapsed_cpu, peak)
 
 
-def synthetic_arrays(n: int) -> CifarArrays:
-    """n random 32-px images in CIFAR's layout, the same for every call."""
+def synthetic_cifar(n: int, img_size: int) -> CifarDataset:
+    """A CIFAR-sized training set of n random 32-px images, the same for every call."""
     images = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    return CifarArrays(images, np.arange(n) % 10, [str(c) for c in range(10)])
+    arrays = CifarArrays(images, np.arange(n) % 10, [str(c) for c in range(10)])
+    return CifarDataset(arrays, img_size, train=True, seed=0)
 
 
-def synthetic_cifar(n: int, img_size: int, device: torch.device) -> DeviceBatches:
-    dataset = CifarDataset(synthetic_arrays(n), img_size, train=True, seed=0)
-    return DeviceBatches.from_dataset(dataset, device)
-
-
-def time_data_path(data: DeviceBatches, keys: Iterator, setup: Setup) -> dict[str, float]:
+def time_data_path(
+    host: CifarDataset, data: DeviceBatches, keys: Iterator, setup: Setup
+) -> dict[str, float]:
     """Images/s of the device data path (keys to batch), of its crop draws alone, and of one
     DataLoader worker making the same batch on the CPU (the path of image folders and of
     ``--data_on_device off``)."""
     height, width = data.images.shape[-2:]
     batch = next(keys)
-    cpu_set = CifarDataset(synthetic_arrays(len(data)), data.img_size, True, data.seed)
     cpu_keys = [tuple(k) for k in batch.tolist()]
     worker = Setup(torch.device("cpu"), "fp32", setup.batch_size, max(1, setup.steps // 4), 1)
     return {
@@ -366,7 +363,7 @@ def time_data_path(data: DeviceBatches, keys: Iterator, setup: Setup) -> dict[st
         "draws": measure(
             lambda: draw_boxes(data.seed, batch, height, width, data.hflip), setup
         ).per_second,
-        "worker_path": measure(lambda: cpu_set.__getitems__(cpu_keys), worker).per_second,
+        "worker_path": measure(lambda: host.__getitems__(cpu_keys), worker).per_second,
     }
 
 
@@ -380,7 +377,8 @@ def benchmark(args: argparse.Namespace, setup: Setup) -> dict:
     )
     ideal_bytes = sum(t.numel() * t.element_size() for t in ideal)
     train_steps = [TrainStep(p, setup, lambda: ideal, ideal_bytes) for p in peers]
-    data = synthetic_cifar(50_000, S, setup.device)
+    host = synthetic_cifar(50_000, S)
+    data = DeviceBatches.from_dataset(host, setup.device)
     keys = GlobalBatchSampler(len(data), B, rank=0, world_size=1, seed=0).device_keys(setup.device)
     ours = peers[0]
     full_step = TrainStep(ours, setup, lambda: data.train_batch(next(keys)), data.images.numel())
@@ -405,7 +403,7 @@ def benchmark(args: argparse.Namespace, setup: Setup) -> dict:
         ours.record("full_train", full.per_second)
         ours.record("full_train_cpu", full.per_cpu_second)
         ours.record("full_train_peak_bytes", full.peak_bytes)
-        for key, value in time_data_path(data, keys, setup).items():
+        for key, value in time_data_path(host, data, keys, setup).items():
             ours.record(key, value)
     return {p.name: p.results for p in peers}
 
