@@ -46,10 +46,10 @@ def last_state(folder: Path, name: str) -> dict:
     return torch.load(folder / "output" / f"{name}_last.pt", weights_only=True)
 
 
-def assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-5, rtol: float = 1e-4) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-4, msg=key)
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=rtol, msg=key)
 
 
 def accuracies(log: str) -> list[tuple[float, int]]:
