@@ -138,10 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gradient_accumulation_steps",
         type=accumulation,
-        default=1,
+        default="auto",
         help="micro-batches per optimizer step; must divide --train_batch_size. 'auto': the "
         "fewest that fit, found before training (on CUDA by trial steps, on the CPU from the "
-        "memory estimate), with the same global batch, data order and results (default: 1)",
+        "memory estimate; a resumed run keeps its own), with the results a typed count gives "
+        "(default: auto)",
     )
     p.add_argument(
         "--grad_checkpointing",
@@ -321,55 +322,77 @@ def fetch_pretrained(path: Path, args: argparse.Namespace) -> Path:
         ) from None
 
 
-def check_memory(step: StepMemory, args, ctx: dist.Context, precision: Precision) -> str:
-    """Stop before the first step when it cannot fit; return the advice for a later OOM."""
+def check_memory(
+    step: StepMemory, args, ctx: dist.Context, precision: Precision, auto: bool = False
+) -> str:
+    """The advice an out-of-memory error in a step will give. Refuse the step now only where no
+    trial step can say (off CUDA, where running out of memory kills the process) and only when
+    even the least it needs, ``StepMemory.least``, exceeds the free memory; on CUDA what runs
+    decides, and an estimate that says no is a warning."""
     available = available_bytes(ctx.device)
-    batch = args.train_batch_size
-    micro = batch // args.gradient_accumulation_steps
+    batch, accum = args.train_batch_size, args.gradient_accumulation_steps
+    micro = batch // accum
     needed = step.needed(micro)
     fixes, n = [], step.fewest_micro_batches(batch, available)
-    if n is not None and n <= args.gradient_accumulation_steps:  # for an OOM the estimate missed
-        accum = args.gradient_accumulation_steps
+    if n is not None and n <= accum:  # for an OOM the estimate missed
         n = next((d for d in range(accum + 1, batch + 1) if batch % d == 0), None)
     if n is not None:
         fixes.append(
             f"--gradient_accumulation_steps {n} (micro-batches of {batch // n}, about "
             f"{step.needed(batch // n) / GIB:.1f} GiB; the same global batch)"
         )
-    if precision.name == "fp32":
-        fixes.append("--precision bf16")
-    fixes.append("a smaller --img_size")
+    if not auto:
+        fixes.append("--gradient_accumulation_steps auto")
+    if step.fewest_micro_batches(batch, available) is None:  # not even one image at a time
+        if not args.grad_checkpointing:
+            fixes.append("--grad_checkpointing")
+        if precision.name == "fp32":
+            fixes.append("--precision bf16")
+        fixes.append("a smaller --img_size")
     advice = (
         f"a step of {micro} images of {args.img_size} px ({args.model_type}, {precision.name}) "
         f"needs about {needed / GIB:.1f} GiB, and {available / GIB:.1f} GiB of "
         f"{ctx.device.type} memory are free; use " + ", or ".join(fixes)
     )
-    if dist.any_rank(needed > available, ctx.device):
+    cannot = ctx.device.type != "cuda" and step.least(micro) > available
+    if dist.any_rank(cannot):
         raise UsageError(advice)
+    if needed > available:
+        log.warning("the memory estimate says this may not fit (%s); trying it", advice)
     return advice
 
 
 def choose_accumulation(
-    model, step: StepMemory, args, ctx: dist.Context, precision: Precision
+    model, step: StepMemory, args, ctx: dist.Context, precision: Precision, resumed: int | None
 ) -> int:
     """``--gradient_accumulation_steps auto``: the fewest micro-batches that fit, by trial steps
-    on CUDA and from the memory estimate ``step`` elsewhere; every process takes the largest
-    count any of them needs, so that all run the same micro-batches."""
+    on CUDA and from the memory estimate ``step`` elsewhere; a resumed run's own count while it
+    fits (the same sums in the same order). Every process takes the largest count any of them
+    needs, so that all run the same micro-batches."""
     batch, started = args.train_batch_size, time.perf_counter()
     if ctx.device.type == "cuda":
-        how = "by trial steps"
+        how = f"whose trial forward and backward passes ran on {ctx.device}"
 
-        def runs(micro: int) -> bool:
+        def fits(micro: int) -> bool:
             return trial_step_fits(model, micro, args.img_size, ctx.device, precision.autocast)
-
-        n = fewest_micro_batches_that_run(batch, runs)
     else:
-        how = "from the memory estimate"
-        n = step.fewest_micro_batches(batch, available_bytes(ctx.device))
-    n = max(dist.gather_objects(n or batch))  # none fits: check_memory then says what to do
+        available = available_bytes(ctx.device)
+        how = f"that fit in the {available / GIB:.1f} GiB free, from the memory estimate"
+
+        def fits(micro: int) -> bool:
+            return step.needed(micro) <= available
+
+    if resumed is not None and batch % resumed == 0 and fits(batch // resumed):
+        n, why = resumed, "the resumed run's own"
+    else:
+        n = fewest_micro_batches_that_run(batch, fits)
+        why = f"the fewest {how}" if n else f"none fits ({how}): one image at a time"
+    n = max(dist.gather_objects(n or batch))
     log.info(
-        "--gradient_accumulation_steps auto: %d micro-batch(es) of %d images (found %s in %.1f s)",
-        n, batch // n, how, time.perf_counter() - started,
+        "--gradient_accumulation_steps auto: %d micro-batch%s of %d images, %s; a step of %d "
+        "needs about %.1f GiB by the estimate (%.1f s)",
+        n, "es" if n > 1 else "", batch // n, why, batch // n, step.needed(batch // n) / GIB,
+        time.perf_counter() - started,
     )  # fmt: skip
     return n
 
@@ -414,8 +437,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_data(args: argparse.Namespace, ctx: dist.Context) -> RunData:
-    if args.dataset in CIFAR:  # downloaded once, by rank 0, while the others wait
-        dist.on_main_first(lambda: ensure_cifar(args.dataset, args.data_dir), ctx.is_main)
+    if args.dataset in CIFAR:  # downloaded once per disk, while the other processes wait
+        dist.each_node_first(lambda: ensure_cifar(args.dataset, args.data_dir), ctx)
     data = build_datasets(
         args.dataset, args.data_dir, args.img_size, args.seed, args.val_split, args.hflip
     )
@@ -428,13 +451,19 @@ def build_data(args: argparse.Namespace, ctx: dist.Context) -> RunData:
 
 
 def load_initial_weights(path: Path, args: argparse.Namespace, ctx: dist.Context, model) -> None:
-    """Google's .npz (downloaded when official and missing), or one of our own checkpoints."""
-    if path.suffix in (".bin", ".pt"):
-        state_dict, _ = read_weights(path)
-        load_resized(model, state_dict, keep_head=False)
-    else:
-        path = dist.on_main_first(lambda: fetch_pretrained(path, args), ctx.is_main)
-        model.load_from(read_npz(path))
+    """Google's .npz (downloaded when official and missing), or one of our own checkpoints:
+    read by rank 0, whose weights then reach the other processes (the file is on its disk)."""
+
+    def on_main() -> dict[str, torch.Tensor]:
+        if path.suffix in (".bin", ".pt"):
+            load_resized(model, read_weights(path)[0], keep_head=False)
+        else:
+            model.load_from(read_npz(fetch_pretrained(path, args)))
+        return model.state_dict()
+
+    weights = dist.from_main(on_main, ctx)
+    if not ctx.is_main:
+        model.load_state_dict(weights)
 
 
 class DataPath:
@@ -564,24 +593,35 @@ def build_run(model, args: argparse.Namespace, ctx: dist.Context, precision: Pre
         fused=precision.name != "fp16",
     )
     scheduler = build_scheduler(optimizer, args.decay_type, args.warmup_steps, args.num_steps)
-    stepper = torch.compile(model) if args.compile else model
+    stepper = model
     if ctx.distributed:
-        stepper = DDP(stepper, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        stepper = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if args.compile:  # DDP inside, so that its all-reduce overlaps the compiled backward
+        stepper = torch.compile(stepper)
     return Run(model, stepper, optimizer, scheduler, precision.scaler())
 
 
 def optimize_one_step(run: Run, batch, meter: Meter, precision: Precision, accumulation: int,
-                      max_norm: float, memory: str) -> None:  # fmt: skip
+                      max_norm: float, memory: str, stop_now) -> bool:  # fmt: skip
+    """One optimizer step; False when a stop request abandoned it between micro-batches (the
+    RNG is then put back as the last whole step left it, for the state to be saved)."""
     lr = run.scheduler.get_last_lr()[0]
+    rng = rng_state() if accumulation > 1 else None  # dropout draws before an abandon
     try:
-        loss, grad_norm = train_step(
-            run.stepper, batch, run.optimizer, run.scaler, precision, accumulation, max_norm
-        )
+        done = train_step(
+            run.stepper, batch, run.optimizer, run.scaler, precision, accumulation, max_norm,
+            stop_now,
+        )  # fmt: skip
     except torch.OutOfMemoryError:
         raise UsageError(f"out of memory in step {run.step + 1}: {memory}") from None
+    if done is None:
+        if rng is not None:
+            set_rng_state(rng)
+        return False
     run.scheduler.step()
     run.step += 1
-    meter.add(run.step, loss, grad_norm, lr)
+    meter.add(run.step, *done, lr)
+    return True
 
 
 def check_loss(loss: float, step: int, precision: Precision, files: RunFiles) -> None:
@@ -594,20 +634,35 @@ def check_loss(loss: float, step: int, precision: Precision, files: RunFiles) ->
         )
 
 
-def stop_agreed(stop: StopRequest, step: int, num_steps: int, log_every: int, ctx) -> bool:
-    """Whether a signal stops the run now. Under DDP every process must agree on the step it
-    stops at, so they ask each other at log steps only."""
-    may_stop = step < num_steps and (not ctx.distributed or step % log_every == 0)
-    return may_stop and dist.any_rank(stop.signum is not None, ctx.device)
+def stop_asker(stop: StopRequest, ctx: dist.Context):
+    """The question asked before every micro-batch: has a signal asked this run to stop? Under
+    DDP every process gets the same answer at the same point (a host all-reduce: it waits for
+    no device), so that all stop at the same micro-batch."""
+    if not ctx.distributed:
+        return lambda: stop.signum is not None
+    return lambda: dist.any_rank(stop.signum is not None)
 
 
-def stop_saved(run: Run, meter: Meter, reporter: Reporter, saver: Saver, signum: int) -> int:
-    """Save the state of a run stopped by a signal; the exit code a shell gives a signal."""
+def stop_saved(run: Run, meter: Meter, reporter: Reporter, saver: Saver, signum: int,
+               abandoned: bool) -> int:  # fmt: skip
+    """Save the state of a run stopped by a signal (the last whole step: one stopped inside is
+    dropped); the exit code a shell gives a signal."""
     meter.flush(reporter)
+    if abandoned:
+        when = f"during step {run.step + 1}, which was dropped"
+    else:
+        when = f"before step {run.step + 1}" if run.step == 0 else f"at step {run.step}"
+    if run.step == 0:
+        if saver.is_main:
+            log.warning("stopped by signal %s: nothing was trained yet, so nothing was saved; "
+                        "run the same command to start again", when)  # fmt: skip
+        reporter.close()
+        return 128 + signum
     saver.last(run)
     if saver.is_main:
-        log.warning("stopped by signal at step %d; state saved to %s. Resume with the same "
-                    "command and --resume auto", run.step, saver.files.last)  # fmt: skip
+        saved = "state" if not abandoned else f"the state of step {run.step}"
+        log.warning("stopped by signal %s; %s saved to %s. Resume with the same command and "
+                    "--resume auto", when, saved, saver.files.last)  # fmt: skip
     reporter.close()
     return 128 + signum
 
@@ -629,6 +684,7 @@ class Saver:
             run.state(rngs, self.args, self.classes, self.start).write(self.files.last)
 
     def best(self, run: Run) -> None:
+        """The best weights, written by rank 0 (the only process that reads them back)."""
         if self.is_main:
             self.files.save_best(run.model.state_dict(), self.args, self.classes)
 
@@ -671,8 +727,8 @@ def final_verdict(run: Run, data: RunData, test_batches, files: RunFiles, precis
             f"final accuracy {run.last_acc:.4f} (val set)"
         ), metrics
     final = evaluate(run.model, test_batches, ctx.device, precision, len(data.classes))
-    dist.barrier()  # rank 0 has written the best weights
-    run.model.load_state_dict(read_weights(files.best)[0])
+    # rank 0 wrote them; the other processes, maybe on other disks, get them from it
+    run.model.load_state_dict(dist.from_main(lambda: read_weights(files.best)[0], ctx))
     best_test = evaluate(run.model, test_batches, ctx.device, precision, len(data.classes))
     reporter.scalars(
         {"test/accuracy_final": final.accuracy, "test/loss_final": final.loss,
@@ -724,12 +780,13 @@ def finish(run: Run, data: RunData, data_path: DataPath, precision: Precision, c
 
 def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int:
     files = RunFiles(Path(args.output_dir), args.name)
-    # Rank 0's verdict reaches every rank: none is left waiting for a process that has exited.
-    dist.on_main_first(lambda: prepare_output(files.output), ctx.is_main)
+    # Rank 0 writes every file of the run (and reads them back): only its disk needs the
+    # folders; its verdict reaches every rank, so none is left waiting for one that has exited.
+    dist.from_main(lambda: prepare_output(files.output), ctx)
     global_batch = args.train_batch_size * ctx.world_size
     data = build_data(args, ctx)
     set_length(args, len(data.train), global_batch)
-    state = restore_state(files, args, global_batch)
+    state = dist.from_main(lambda: restore_state(files, args, global_batch), ctx)
     weights, start = starting_point(args)
     start = (state.start or start) if state is not None else start
     log.info(start if state is None else f"resuming a run that began {start}")
@@ -740,11 +797,14 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         args.precision or ("fp16" if args.fp16 else "fp32"), ctx.device, args.loss_scale
     )
     footprint = measure_step(model, args.img_size, ctx.device, precision.autocast)
-    if args.gradient_accumulation_steps == "auto":  # from here on, a number
+    auto = args.gradient_accumulation_steps == "auto"
+    if auto:  # from here on, a number
+        resumed = state.args.get("gradient_accumulation_steps") if state is not None else None
         args.gradient_accumulation_steps = choose_accumulation(
-            model, footprint, args, ctx, precision
+            model, footprint, args, ctx, precision, resumed if isinstance(resumed, int) else None
         )
-    memory = check_memory(footprint, args, ctx, precision)  # before a download that might be wasted
+    # before a download that might be wasted
+    memory = check_memory(footprint, args, ctx, precision, auto)
     if state is None and weights is not None:
         load_initial_weights(weights, args, ctx, model)
     torch.manual_seed(args.seed + ctx.rank)  # dropout differs across processes, as across shards
@@ -761,10 +821,16 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     saver = Saver(files, vars(args), data.classes, start, ctx.is_main)
     meter, first_step = Meter(global_batch, ctx.world_size), run.step + 1
     accumulation, max_norm = args.gradient_accumulation_steps, args.max_grad_norm
+    stop_now = stop_asker(stop, ctx)
     model.train()
     while run.step < args.num_steps:
         batch = data_path.next_batch()
-        optimize_one_step(run, batch, meter, precision, accumulation, max_norm, memory)
+        if stop_now():  # asked during the last step, its evaluation or save, or this batch
+            return stop_saved(run, meter, reporter, saver, stop.signum or signal.SIGTERM, False)
+        if not optimize_one_step(  # asked between micro-batches: the step is dropped
+            run, batch, meter, precision, accumulation, max_norm, memory, stop_now
+        ):
+            return stop_saved(run, meter, reporter, saver, stop.signum or signal.SIGTERM, True)
         evaluate_now = run.step % args.eval_every == 0 or run.step == args.num_steps
         save_now = not evaluate_now and args.save_every and run.step % args.save_every == 0
         if run.step == first_step and not evaluate_now:
@@ -777,8 +843,6 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         elif save_now:
             saver.last(run)
             meter.restart_clock()
-        if stop_agreed(stop, run.step, args.num_steps, args.log_every, ctx):
-            return stop_saved(run, meter, reporter, saver, stop.signum or signal.SIGTERM)
     finish(run, data, data_path, precision, ctx, reporter, saver, meter, args)
     return 0
 

@@ -26,7 +26,6 @@ import datetime
 import importlib.machinery
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -51,7 +50,7 @@ from utils.data.cifar import CifarArrays
 from utils.data.device_batches import DeviceBatches
 from utils.data.sampling import GlobalBatchSampler
 from utils.training.device import resolve_device
-from utils.training.memory import activation_bytes, fits_in_memory
+from utils.training.memory import BACKWARD, GIB, fits_in_memory, measure_step
 from utils.training.precision import Precision
 
 NO_DROPOUT = ["transformer.dropout_rate=0", "transformer.attention_dropout_rate=0"]
@@ -67,7 +66,6 @@ TIMM_NAMES = {
 TORCHVISION_NAMES = {
     f"ViT-{k}": f"vit_{k.lower()}" for k in ("B_16", "B_32", "L_16", "L_32", "H_14")
 }
-GIB = 2**30
 PEERS = ("ours", "ours-dropout", "timm", "torchvision", "reference")
 MEMORY_ROWS = ("ViT-B_16@224", "ViT-B_16@384", "ViT-L_16@224", "ViT-L_16@384", "ViT-H_14@224")
 
@@ -536,7 +534,7 @@ def memory_table(args: argparse.Namespace, setup: Setup) -> dict:
     else:
         print(
             "computed as (N GiB - 1 GiB - 12 bytes/parameter - per-step bytes) / "
-            "(1.1 x activation bytes per image), activations counted by autograd hooks"
+            f"({BACKWARD} x activation bytes per image), activations counted by autograd hooks"
         )
     if args.grad_checkpointing:
         print("with --grad_checkpointing: each block's activations recomputed in the backward")
@@ -552,16 +550,13 @@ def memory_table(args: argparse.Namespace, setup: Setup) -> dict:
                 with memory_cap(setup.device, c * GIB):
                     row.append(largest_batch(model, setup, img_size))
         else:
-            counted = activation_bytes(model, img_size, setup.device, setup.autocast)
-            per_image, per_step = counted
-            static = 12 * sum(p.numel() for p in model.parameters())  # weight, grad, momentum
-            row = [
-                max(0, math.floor((c * GIB - GIB - static - per_step) / (1.1 * per_image)))
-                for c in capacities
-            ]
+            step = measure_step(model, img_size, setup.device, setup.autocast)
+            weights = 4 * step.parameters  # in place before train.py compares, here not yet
+            row = [step.largest_micro_batch(c * GIB - weights) for c in capacities]
             print(
-                f"  {model_type} {img_size}px: {per_image / 2**20:.1f} MiB/image saved for "
-                f"backward, {per_step / 2**20:.0f} MiB/step, {static / 2**20:.0f} MiB static"
+                f"  {model_type} {img_size}px: {step.per_image / 2**20:.1f} MiB/image saved for "
+                f"backward, {step.per_step / 2**20:.0f} MiB/step, {3 * weights / 2**20:.0f} MiB "
+                "static"
             )
         table[f"{model_type}@{img_size}"] = dict(zip(map(str, capacities), row, strict=True))
         print(f"{model_type:<10}{img_size:>5}" + "".join(f"{b:>9}" for b in row))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,3 +175,137 @@ def test_fp16_overflow_is_skipped_and_counted(tmp_path: Path, subset: Path) -> N
     assert "3 steps skipped by the fp16 loss scaler" in result.stderr
     state = torch.load(tmp_path / "output" / "ovf_last.pt", weights_only=True)
     assert state["optimizer"]["state"] == {}, "a skipped step must not touch the optimizer"
+
+
+# ---------------------------------------------------------------------------------------------
+# Two nodes that share no disk
+
+
+def two_node_flags(*extra: str) -> list[str]:
+    """Relative paths only: each node resolves them in its own folder, on its own disk."""
+    return [
+        "--name", "two", *SMALL, *NO_DROPOUT, "--data_dir", "data", "--pretrained_dir", "init.bin",
+        "--val_split", "0.1", "--gradient_accumulation_steps", "2", "--num_steps", "16",
+        "--eval_every", "4", "--log_every", "1", "--warmup_steps", "2", "--eval_batch_size", "128",
+        "--output_dir", "output", "--logdir", "logs", *extra,
+    ]  # fmt: skip
+
+
+def node(folder: Path, rank: int, port: int, args: list[str]) -> subprocess.Popen:
+    """One node's ``torchrun --nnodes 2 --node_rank rank`` (one process), started in ``folder``
+    as the leader of its own session; node 1's output goes to a file (nobody reads it live)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+        "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+        str(Path(train.__file__)), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(train.__file__).parent), "OMP_NUM_THREADS": "1"}
+    out = subprocess.PIPE if rank == 0 else (folder.parent / f"node{rank}.log").open("a")
+    return subprocess.Popen(
+        command, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def summary_of(output: str) -> str:
+    """The summary line up to its timings."""
+    line = next(line for line in output.splitlines() if line.startswith("summary:"))
+    return line.split(" | wall time")[0]
+
+
+def test_two_nodes_without_a_shared_disk_train_stop_resume_and_equal_one_process(
+    tmp_path: Path, subset: Path
+) -> None:
+    """Two torchrun launches on 127.0.0.1 from two folders, each with its own copy of the data;
+    the checkpoint to fine-tune from is on node 0's disk only. They train and evaluate (a
+    validation split selects, the test set is scored at the end with the best weights), are
+    stopped by SIGTERM to both launches, resume, and end with the weights and summary of one
+    process with the same global batch. Node 1 writes nothing and reads no file of node 0."""
+    from models.configs import CONFIGS, apply_overrides
+    from models.modeling import VisionTransformer
+    from tests.test_train import SMALL_CONFIG
+
+    folders = {name: tmp_path / name for name in ("node0", "node1", "one")}
+    for name, folder in folders.items():
+        shutil.copytree(subset / "cifar-10-batches-py", folder / "data" / "cifar-10-batches-py")
+        if name != "node1":
+            torch.manual_seed(3)
+            model = VisionTransformer(apply_overrides(CONFIGS["testing"], SMALL_CONFIG), 32)
+            torch.save(model.state_dict(), folder / "init.bin")
+    env = {**os.environ, "PYTHONPATH": str(Path(train.__file__).parent), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, str(Path(train.__file__)), *two_node_flags("--train_batch_size", "8")],
+        cwd=folders["one"], env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    args = two_node_flags("--train_batch_size", "4")
+    port = closed_port()
+    first = [node(folders[f"node{r}"], r, port, args) for r in (0, 1)]
+    lines = []
+    for line in first[0].stdout:  # stop both once node 0 has trained past an evaluation
+        lines.append(line)
+        if re.search(r"step (9|1\d)/16", line):
+            for launch in first:
+                os.killpg(launch.pid, signal.SIGTERM)
+            break
+    stopped_log = "".join(lines) + first[0].communicate(timeout=300)[0]
+    first[1].wait(timeout=300)
+    assert "Resume with the same command and --resume auto" in stopped_log, stopped_log[-3000:]
+    assert 9 <= last_state(folders["node0"], "two")["step"] < 16
+
+    port = closed_port()
+    resumed = [node(folders[f"node{r}"], r, port, [*args, "--resume", "auto"]) for r in (0, 1)]
+    resumed_log = resumed[0].communicate(timeout=600)[0]
+    assert resumed[1].wait(timeout=300) == 0, (tmp_path / "node1.log").read_text()[-3000:]
+    assert resumed[0].returncode == 0, resumed_log[-3000:]
+    assert "resumed from output/two_last.pt at step" in resumed_log
+    assert_same_weights(
+        last_state(folders["node0"], "two")["model"], last_state(folders["one"], "two")["model"]
+    )
+    assert summary_of(resumed_log) == summary_of(one.stdout)
+    assert "test set, weights of step" in summary_of(one.stdout)
+    assert sorted(p.name for p in folders["node1"].iterdir()) == ["data"]  # wrote nothing
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile under DDP
+
+
+def test_compile_wraps_the_ddp_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch's recommended order, torch.compile(DDP(model)), lets DDP's all-reduce overlap
+    the compiled backward; DDP(torch.compile(model)) would not."""
+    from models.configs import CONFIGS
+    from models.modeling import VisionTransformer
+
+    wrapped = []
+    monkeypatch.setattr(train, "DDP", lambda module, device_ids: ("DDP", module))
+    monkeypatch.setattr(torch, "compile", lambda module: ("compiled", module))
+    args = train.build_parser().parse_args(["--name", "x", "--compile", "--model_type", "testing"])
+    train.check_args(args)
+    model = VisionTransformer(CONFIGS["testing"], 224)
+    ctx = train.dist.Context(0, 2, 0, torch.device("cpu"))
+    run = train.build_run(model, args, ctx, train.Precision("fp32", ctx.device, 0))
+    wrapped.append(run.stepper)
+    assert wrapped == [("compiled", ("DDP", model))]
+    assert run.model is model
+
+
+def test_compiled_ddp_with_accumulation_equals_eager(tmp_path: Path, subset: Path) -> None:
+    """2 processes x 2 micro-batches (no_sync on the first), compiled against eager."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.compile(lambda x: x.sin() + 1)"
+         "(torch.ones(4)).sum().item())"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip(f"torch.compile does not work on this CPU: {probe.stderr.strip()[-300:]}")
+    common = [*SMALL, *NO_DROPOUT, "--pretrained_dir", "none", "--data_dir", str(subset),
+              "--num_steps", "3", "--eval_every", "3", "--train_batch_size", "8",
+              "--gradient_accumulation_steps", "2"]  # fmt: skip
+    eager = torchrun(tmp_path / "eager", 2, "--name", "r", *common)
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    compiled = torchrun(tmp_path / "compiled", 2, "--name", "r", *common, "--compile")
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    compiled_state, eager_state = (last_state(tmp_path / k, "r") for k in ("compiled", "eager"))
+    assert_same_weights(compiled_state["model"], eager_state["model"])

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import train
+from models.modeling import VisionTransformer
 from tests.test_distributed import assert_same_weights, last_state
 from tests.test_train import REPO, SMALL, closed_port
 
@@ -119,3 +123,84 @@ def test_sigterm_to_a_torchrun_group_saves_and_resumes_exactly(
         last_state(tmp_path / "straight", "run")["model"],
         atol=1e-6,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# A stop inside an accumulated step: acted on before the next micro-batch, the step dropped
+
+
+def accumulated_run(folder: Path, subset: Path, *extra: str) -> int:
+    """16 images per step in 4 micro-batches of 4, dropout on, in this process."""
+    return train.main(
+        [
+            "--name", "run", *SMALL, "--pretrained_dir", "none", "--data_dir", str(subset),
+            "--output_dir", str(folder / "output"), "--logdir", str(folder / "logs"),
+            "--train_batch_size", "16", "--gradient_accumulation_steps", "4", "--num_steps", "8",
+            "--eval_every", "4", "--warmup_steps", "2", "--log_every", "2", "--device", "cpu",
+            *extra,
+        ]
+    )  # fmt: skip
+
+
+def micro_batches(monkeypatch: pytest.MonkeyPatch, signal_at: int | None = None) -> list[int]:
+    """The training micro-batches run (their forward passes, counted); SIGTERM is delivered to
+    this process during the forward pass of number ``signal_at``, as a scheduler's would."""
+    calls: list[int] = []
+    real = VisionTransformer.forward
+
+    def forward(self, x, labels=None):
+        if self.training and labels is not None:
+            calls.append(len(x))
+            if len(calls) == signal_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, x, labels)
+
+    monkeypatch.setattr(VisionTransformer, "forward", forward)
+    return calls
+
+
+def test_a_stop_inside_a_step_drops_it_and_the_resumed_run_ends_bit_for_bit(
+    tmp_path: Path, subset: Path, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    """SIGTERM during the second micro-batch of step 5: micro-batches 3 and 4 never run, the
+    saved state is exactly the straight run's after step 4 (weights, momentum, RNG), and the
+    resumed run ends on the straight run's weights, bitwise."""
+    real_last, kept = train.Saver.last, tmp_path / "straight_step4.pt"
+
+    def keep_step_4(saver, run) -> None:
+        real_last(saver, run)
+        if run.step == 4:
+            shutil.copy(saver.files.last, kept)
+
+    monkeypatch.setattr(train.Saver, "last", keep_step_4)
+    assert accumulated_run(tmp_path / "straight", subset) == 0
+    monkeypatch.setattr(train.Saver, "last", real_last)
+    straight = last_state(tmp_path / "straight", "run")
+
+    calls = micro_batches(monkeypatch, signal_at=4 * 4 + 2)
+    assert accumulated_run(tmp_path / "split", subset) == 128 + signal.SIGTERM
+    assert len(calls) == 18, "the stop waited for more than the micro-batch it came in"
+    log = capfd.readouterr().err
+    assert "stopped by signal during step 5, which was dropped; the state of step 4 saved" in log
+    stopped, at_4 = last_state(tmp_path / "split", "run"), torch.load(kept, weights_only=True)
+    assert stopped["step"] == 4
+    assert_same_weights(stopped["model"], at_4["model"], atol=0, rtol=0)
+    for a, b in zip(stopped["optimizer"]["state"].values(), at_4["optimizer"]["state"].values(),
+                    strict=True):  # fmt: skip
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert torch.equal(stopped["rng"][0]["torch"], at_4["rng"][0]["torch"])
+
+    assert accumulated_run(tmp_path / "split", subset, "--resume", "auto") == 0
+    resumed = last_state(tmp_path / "split", "run")
+    assert resumed["step"] == 8
+    assert_same_weights(resumed["model"], straight["model"], atol=0, rtol=0)
+
+
+def test_a_stop_inside_the_first_step_says_nothing_was_trained(
+    tmp_path: Path, subset: Path, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    calls = micro_batches(monkeypatch, signal_at=2)
+    assert accumulated_run(tmp_path, subset) == 128 + signal.SIGTERM
+    assert len(calls) == 2
+    assert "nothing was trained yet, so nothing was saved" in capfd.readouterr().err
+    assert not (tmp_path / "output" / "run_last.pt").exists()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
+import train
 from models.configs import CONFIGS, apply_overrides
 from models.modeling import VisionTransformer
 from tests.helpers import Handler, make_archive, write_cifar, write_cifar10
@@ -229,3 +232,74 @@ def check_the_headline_run(work: Path, made: Path, result: subprocess.CompletedP
             if tag.startswith("args"):
                 texts += [t.tensor_proto.string_val[0].decode() for t in acc.Tensors(tag)]
     assert len(texts) == 1 and start in texts[0], texts
+
+
+# ---------------------------------------------------------------------------------------------
+# The headline command at its real size
+
+HEADLINE = "python train.py --name cifar10-100_500 --model_type ViT-B_16"
+
+
+def headline_argv() -> list[str]:
+    """The README's main command as typed there: the words after ``python train.py``."""
+    block = next(b for b in BLOCKS if b.runs and HEADLINE in b.code)
+    line = next(line for line in block.code.splitlines() if HEADLINE in line)
+    return shlex.split(line[line.index(HEADLINE) :].split("&&")[0])[2:]
+
+
+# What trial steps find on such a card, from the H200 table of docs/PERFORMANCE.md: the largest
+# bf16 micro-batch of ViT-B/16 at 224 px is 368 at 24 GB and 1312 at 80 GB; fp32 saves 1.82x as
+# many bytes per image (143.3 against 78.7 MiB), so about 200 and 720 fit: 512 images make 4
+# micro-batches of 128 on a 24 GB card and one of 512 on an 80 GB card (and on a 141 GB one).
+@pytest.mark.parametrize(("free_gib", "micro_batches"), [(24, 4), (80, 1)], ids=["24GB", "80GB"])
+def test_the_headline_command_at_its_real_size_sets_up_and_starts(
+    free_gib: int, micro_batches: int, served, subset: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capfd,
+) -> None:  # fmt: skip
+    """The README's command with nothing but ``--device cpu`` appended: ViT-B/16 at 224 px, 512
+    images, fp32, the served Google checkpoint downloaded to its default path, with the free
+    memory of a 24 GB and of an 80 GB card. Set-up passes, picks what that card's user gets, and
+    the first step begins (its batch is made); SIGTERM then stops the run before its first
+    micro-batch, which on this CPU would take minutes."""
+    made, env = served
+    for key in ("VIT_CHECKPOINT_MIRROR", "no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cifar-10-batches-py").symlink_to(subset / "cifar-10-batches-py")
+    monkeypatch.setattr(train, "available_bytes", lambda device: free_gib * 2**30)
+    real_batches, begun = train.DataPath.training_batches, []
+
+    def first_batch_then_signal(data_path, *args):
+        next_batch = real_batches(data_path, *args)
+
+        def made_then_signal():
+            batch = next_batch()
+            begun.append(tuple(batch[0].shape))
+            os.kill(os.getpid(), signal.SIGTERM)  # once the first step has begun: its batch made
+            return batch
+
+        return made_then_signal
+
+    monkeypatch.setattr(train.DataPath, "training_batches", first_batch_then_signal)
+    assert train.main([*headline_argv(), "--device", "cpu"]) == 128 + signal.SIGTERM
+    log = capfd.readouterr().err
+    assert begun == [(512, 3, 224, 224)]
+    micro = 512 // micro_batches
+    plural = "es" if micro_batches > 1 else ""
+    lines = log.splitlines()
+    assert "fine-tuning from checkpoint/ViT-B_16.npz (ImageNet-21k, paper release)" in lines[0]
+    assert (
+        f"--gradient_accumulation_steps auto: {micro_batches} micro-batch{plural} of {micro} "
+        f"images, the fewest that fit in the {free_gib}.0 GiB free, from the memory estimate"
+    ) in log
+    assert (
+        f"ViT-B_16 on cpu: 1 process(es), global batch 512 (512 per process in {micro_batches} "
+        f"micro-batches of {micro}), fp32, 10000 steps"
+    ) in log
+    assert "stopped by signal before step 1: nothing was trained yet, so nothing was saved" in log
+    assert "Traceback" not in log and "may not fit" not in log
+    assert (tmp_path / "checkpoint" / "ViT-B_16.npz").stat().st_size == (
+        made / "ViT-B_16.npz"
+    ).stat().st_size
+    assert not list((tmp_path / "output").iterdir())

@@ -63,7 +63,7 @@ def test_auto_accumulation_takes_the_fewest_micro_batches_that_fit(
     steps = ["--num_steps", "3", "--eval_every", "3", "--warmup_steps", "1"]
     assert run(tmp_path, subset, "auto", *steps, "--gradient_accumulation_steps", "auto") == 0
     log = capfd.readouterr().err
-    assert "--gradient_accumulation_steps auto: 4 micro-batch(es) of 4 images" in log
+    assert "--gradient_accumulation_steps auto: 4 micro-batches of 4 images" in log
     assert "from the memory estimate" in log
     assert run(tmp_path, subset, "typed", *steps, "--gradient_accumulation_steps", "4") == 0
     auto, typed = last_state(tmp_path, "auto"), last_state(tmp_path, "typed")

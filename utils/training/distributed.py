@@ -2,11 +2,19 @@
 
 Launch with ``torchrun`` (LOCAL_RANK, RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment)
 or the legacy ``torch.distributed.launch`` (``--local_rank``). NCCL on CUDA, gloo on the CPU.
+
+Nodes need not share a disk: after the start, what every process needs from a file (a resumed
+state, weights to fine-tune from, the best weights for the final score) is read by rank 0 alone
+and reaches the others over the process group (:func:`from_main`). Small host-side questions
+("has any process been asked to stop?") go over a CPU (gloo) group, so that asking them never
+waits for the GPU.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,6 +26,7 @@ import torch.distributed as dist
 from utils.training.device import resolve_device
 
 T = TypeVar("T")
+_host_group = None  # a gloo group beside an NCCL one; None: the default group is gloo already
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,7 @@ class Context:
 
 def setup(local_rank_arg: int, device: str | None) -> Context:
     """Join the process group when launched by torchrun or the legacy launcher; pick the device."""
+    global _host_group
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dev = resolve_device(device, local_rank)
@@ -45,13 +55,17 @@ def setup(local_rank_arg: int, device: str | None) -> Context:
         if not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=timedelta(minutes=30))
+            if backend != "gloo":
+                _host_group = dist.new_group(backend="gloo")
         return Context(dist.get_rank(), dist.get_world_size(), max(local_rank, 0), dev)
     return Context(0, 1, 0, dev)
 
 
 def cleanup() -> None:
+    global _host_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _host_group = None
 
 
 def barrier() -> None:
@@ -65,11 +79,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every process when ``flag`` is true on at least one."""
+def any_rank(flag: bool) -> bool:
+    """True on every process when ``flag`` is true on at least one. Host memory only: it waits
+    for the other processes' hosts, never for a device."""
     if not dist.is_initialized():
         return flag
-    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+    votes = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(votes, group=_host_group)
+    return bool(votes[0] > 0)
 
 
 def gather_objects(obj: T) -> list[T]:
@@ -81,20 +98,84 @@ def gather_objects(obj: T) -> list[T]:
     return out
 
 
-def on_main_first(fn: Callable[[], T], is_main: bool) -> T:
-    """Run ``fn`` on rank 0, then on the others once it is done (downloads, extraction).
-
-    An exception on rank 0 is re-raised on every process instead of leaving them at the barrier.
-    """
-    error: list = [None]
-    result = None
-    if is_main:
+def from_main(fn: Callable[[], T], ctx: Context) -> T:
+    """``fn()`` run on rank 0 alone, its result given to every process (its tensors over the
+    process group, on the devices they had there); an exception there is raised on every
+    process. The other processes read no file: the nodes need not share a disk."""
+    result, error = None, None
+    if ctx.is_main:
         try:
             result = fn()
-        except Exception as exc:  # re-raised below, on every rank
-            error[0] = exc
+        except Exception as exc:  # raised below, on every process
+            error = exc
     if dist.is_initialized():
-        dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise error[0]
-    return result if is_main else fn()
+        error, result = broadcast((error, result), ctx.device)
+    if error is not None:
+        raise error
+    return result
+
+
+def each_node_first(fn: Callable[[], T], ctx: Context) -> T:
+    """``fn()`` on every process, rank 0 first, then the first process of each other node, then
+    the rest: a download is made once per disk, shared by the nodes or not, and never by two
+    processes of one node at once. An exception anywhere is raised on every process."""
+    leader = ctx.local_rank == 0
+    result = None
+    for turn in (ctx.is_main, leader and not ctx.is_main, not leader):
+        error = None
+        if turn:
+            try:
+                result = fn()
+            except Exception as exc:  # raised below, on every process
+                error = exc
+        errors = gather_objects(error)
+        if first := next((e for e in errors if e is not None), None):
+            raise first
+    return result
+
+
+def broadcast(obj: T, device: torch.device, src: int = 0) -> T:
+    """``obj`` of rank ``src`` on every process: pickled, except for its tensors, which travel
+    one by one as tensors (through ``device`` for NCCL) and land where they were on ``src``."""
+    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensors: list[torch.Tensor] = []
+    header: list = [None]
+    if dist.get_rank() == src:
+        buffer = io.BytesIO()
+        _TensorPickler(buffer, tensors).dump(obj)
+        places = [(t.shape, t.dtype, t.device.type == "cpu") for t in tensors]
+        header[0] = (buffer.getvalue(), places)
+    dist.broadcast_object_list(header, src=src, device=comm)
+    payload, places = header[0]
+    received = []
+    for i, (shape, dtype, on_cpu) in enumerate(places):
+        if dist.get_rank() == src:
+            t = tensors[i].detach().to(comm).contiguous()
+        else:
+            t = torch.empty(shape, dtype=dtype, device=comm)
+        dist.broadcast(t, src=src)
+        received.append(t.cpu() if on_cpu else t.to(device))
+    if dist.get_rank() == src:
+        return obj
+    return _TensorUnpickler(io.BytesIO(payload), received).load()
+
+
+class _TensorPickler(pickle.Pickler):
+    def __init__(self, file, tensors: list[torch.Tensor]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors = tensors
+
+    def persistent_id(self, obj):  # a tensor is sent on its own; its place in the list stays
+        if isinstance(obj, torch.Tensor):
+            self.tensors.append(obj)
+            return len(self.tensors) - 1
+        return None
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    def __init__(self, file, tensors: list[torch.Tensor]) -> None:
+        super().__init__(file)
+        self.tensors = tensors
+
+    def persistent_load(self, pid):
+        return self.tensors[pid]

@@ -2,29 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from utils.training import distributed as dist
 from utils.training.precision import Precision
 
 
-def train_step(model, batch, optimizer, scaler, precision: Precision, accum: int, max_norm: float):
-    """One optimizer update from ``accum`` equal micro-batches; returns (mean loss, grad norm).
+def train_step(
+    model,
+    batch,
+    optimizer,
+    scaler,
+    precision: Precision,
+    accum: int,
+    max_norm: float,
+    stop_now: Callable[[], bool] | None = None,
+):
+    """One optimizer update from ``accum`` equal micro-batches; returns (mean loss, grad norm),
+    or None when ``stop_now()``, asked between micro-batches, says to stop: the step is then
+    abandoned, its gradients dropped and nothing applied, so that a stop waits for one
+    micro-batch at most, not for a whole step.
 
-    Gradients are all-reduced only on the last micro-batch (``no_sync``). Nothing here waits for
-    the device: the returned values are tensors, read when the log needs them.
+    Gradients are all-reduced only on the last micro-batch (``no_sync`` of DDP, also through
+    torch.compile's wrapper). Nothing here waits for the device: the returned values are
+    tensors, read when the log needs them.
     """
     images, labels = batch
     total = torch.zeros((), device=images.device)
+    no_sync = getattr(model, "no_sync", None)  # DDP's, compiled or not; a bare model has none
     for i, (x, y) in enumerate(zip(images.chunk(accum), labels.chunk(accum), strict=True)):
+        if i and stop_now is not None and stop_now():
+            optimizer.zero_grad(set_to_none=True)
+            return None
         last = i == accum - 1
-        with nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
+        with nullcontext() if last or no_sync is None else no_sync():
             with precision.autocast():
                 loss = model(x, y) / accum
             scaler.scale(loss).backward()

@@ -1,10 +1,17 @@
 """Will a training step fit? Estimated before the first step, so that a machine too small for
 the job says so in one line (with the flags that make it fit) instead of being killed later.
 
-The estimate: 8 bytes per parameter (gradient and momentum; the weights are already in place), the
-activations that autograd saves for the backward pass, counted with saved-tensor hooks on a
-forward pass of one and of two images (their difference is the per-image part), 10 % on top of
-those for the backward pass's temporaries, and a margin for everything else.
+Autograd's saved tensors are counted with saved-tensor hooks on a forward pass of one and of two
+images (their difference is the per-image part). Two figures come of them:
+
+- ``needed``, what a step takes at its peak, to choose micro-batches with: 8 bytes per parameter
+  (gradient and momentum; the weights are already in place), the saved tensors, 5 % on top for
+  the backward pass's temporaries, and 1 GiB for the rest (allocator slack, the CUDA context).
+  It puts the largest micro-batch of the rows measured on an H200 (docs/PERFORMANCE.md, bf16)
+  between 11 % below (ViT-L/16 at 224 px, 24 GB) and 3 % above (within the bench's steps of 8);
+- ``least``, what must exist when the forward pass ends (the momentum and every saved tensor),
+  which no step can do without: only it may refuse a step before training, where no trial step
+  is possible. ``tests/test_memory.py`` checks it against the peak RSS of real CPU steps.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from torch import nn
 
 GIB = 2**30
 MARGIN = GIB  # allocator slack, data-loader workers, the CUDA context's growth
+BACKWARD = 1.05  # the backward pass's temporaries, per saved byte (fitted to the H200 table)
 
 
 def activation_bytes(
@@ -108,8 +116,19 @@ class StepMemory:
     parameters: int
 
     def needed(self, micro_batch: int) -> int:
+        """Bytes a step of ``micro_batch`` images takes at its peak, with room to spare."""
         fixed = 8 * self.parameters + self.per_step + MARGIN
-        return fixed + math.ceil(1.1 * self.per_image * micro_batch)
+        return fixed + math.ceil(BACKWARD * self.per_image * micro_batch)
+
+    def least(self, micro_batch: int) -> int:
+        """Bytes that exist at the end of the forward pass of ``micro_batch`` images: momentum
+        and saved tensors. A step needs more than this, never less."""
+        return 4 * self.parameters + self.per_step + self.per_image * micro_batch
+
+    def largest_micro_batch(self, available: int) -> int:
+        """The most images whose step fits in ``available`` bytes by ``needed`` (0: none)."""
+        room = available - self.needed(0)
+        return max(0, math.floor(room / (BACKWARD * self.per_image))) if room > 0 else 0
 
     def fewest_micro_batches(self, batch: int, available: int) -> int | None:
         """The smallest divisor n of ``batch`` whose micro-batches of batch / n fit, if any."""
