@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -207,9 +208,23 @@ def node(folder: Path, rank: int, port: int, args: list[str]) -> subprocess.Pope
     )  # fmt: skip
 
 
+def watchdog(launches: list[subprocess.Popen], seconds: float) -> None:
+    """Kill the launches' process groups if they still run after ``seconds``: a node left
+    waiting for a peer that has died fails the test instead of hanging it."""
+
+    def kill() -> None:
+        for launch in launches:
+            if launch.poll() is None:
+                os.killpg(launch.pid, signal.SIGKILL)
+
+    timer = threading.Timer(seconds, kill)
+    timer.daemon = True
+    timer.start()
+
+
 def summary_of(output: str) -> str:
     """The summary line up to its timings."""
-    line = next(line for line in output.splitlines() if line.startswith("summary:"))
+    line = next((line for line in output.splitlines() if line.startswith("summary:")), "")
     return line.split(" | wall time")[0]
 
 
@@ -242,6 +257,7 @@ def test_two_nodes_without_a_shared_disk_train_stop_resume_and_equal_one_process
     args = two_node_flags("--train_batch_size", "4")
     port = closed_port()
     first = [node(folders[f"node{r}"], r, port, args) for r in (0, 1)]
+    watchdog(first, 300)
     lines = []
     for line in first[0].stdout:  # stop both once node 0 has trained past an evaluation
         lines.append(line)
@@ -256,6 +272,7 @@ def test_two_nodes_without_a_shared_disk_train_stop_resume_and_equal_one_process
 
     port = closed_port()
     resumed = [node(folders[f"node{r}"], r, port, [*args, "--resume", "auto"]) for r in (0, 1)]
+    watchdog(resumed, 300)
     resumed_log = resumed[0].communicate(timeout=600)[0]
     assert resumed[1].wait(timeout=300) == 0, (tmp_path / "node1.log").read_text()[-3000:]
     assert resumed[0].returncode == 0, resumed_log[-3000:]
