@@ -3,7 +3,8 @@
 SLURM, Kubernetes and ``timeout`` send SIGTERM to every process of a job; Ctrl-C sends SIGINT to
 the terminal's foreground group. Each run here starts in its own session and gets the signal
 through ``os.killpg``, with DataLoader workers running, then resumes and must end where an
-uninterrupted run ends.
+uninterrupted run ends. The stops inside an accumulated step run in this process, the signal
+delivered during a chosen micro-batch's forward pass.
 """
 
 from __future__ import annotations

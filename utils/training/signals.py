@@ -1,4 +1,5 @@
-"""Preemption and Ctrl-C: finish the step, save, and exit resumable.
+"""Preemption and Ctrl-C: stop before the next micro-batch, save the last whole step, and exit
+resumable (train.py asks ``StopRequest`` before every micro-batch).
 
 Schedulers (SLURM, Kubernetes, ``timeout``) send SIGTERM to every process of a job and a terminal
 sends Ctrl-C's SIGINT to the whole foreground group, so DataLoader workers receive them too.
@@ -18,7 +19,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
-    """SIGTERM or SIGINT asks the loop to finish its step, save, and exit resumable."""
+    """SIGTERM or SIGINT asks the loop to stop before its next micro-batch, save, and exit
+    resumable."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
