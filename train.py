@@ -531,10 +531,10 @@ class DataPath:
 
 def log_setup(args, ctx: dist.Context, data: RunData, global_batch: int, precision: Precision):
     log.info(
-        "%s on %s: %d process(es), global batch %d (%d per process in %d micro-batches of %d), "
+        "%s on %s: %d process(es), global batch %d (%d per process in %d micro-batch%s of %d), "
         "%s, %d steps, %d train / %d %s images%s",
         args.model_type, ctx.device.type, ctx.world_size, global_batch, args.train_batch_size,
-        args.gradient_accumulation_steps,
+        args.gradient_accumulation_steps, "es" if args.gradient_accumulation_steps > 1 else "",
         args.train_batch_size // args.gradient_accumulation_steps, precision.name,
         args.num_steps, len(data.train), len(data.select), data.select_name,
         f" / {len(data.test)} test images" if data.test is not None else "",

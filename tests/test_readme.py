@@ -295,7 +295,7 @@ def test_the_headline_command_at_its_real_size_sets_up_and_starts(
     ) in log
     assert (
         f"ViT-B_16 on cpu: 1 process(es), global batch 512 (512 per process in {micro_batches} "
-        f"micro-batches of {micro}), fp32, 10000 steps"
+        f"micro-batch{plural} of {micro}), fp32, 10000 steps"
     ) in log
     assert "stopped by signal before step 1: nothing was trained yet, so nothing was saved" in log
     assert "Traceback" not in log and "may not fit" not in log
