@@ -147,16 +147,15 @@ def broadcast(obj: T, device: torch.device, src: int = 0) -> T:
         header[0] = (buffer.getvalue(), places)
     dist.broadcast_object_list(header, src=src, device=comm)
     payload, places = header[0]
+    if dist.get_rank() == src:
+        for t in tensors:
+            dist.broadcast(t.detach().to(comm).contiguous(), src=src)
+        return obj
     received = []
-    for i, (shape, dtype, on_cpu) in enumerate(places):
-        if dist.get_rank() == src:
-            t = tensors[i].detach().to(comm).contiguous()
-        else:
-            t = torch.empty(shape, dtype=dtype, device=comm)
+    for shape, dtype, on_cpu in places:
+        t = torch.empty(shape, dtype=dtype, device=comm)
         dist.broadcast(t, src=src)
         received.append(t.cpu() if on_cpu else t.to(device))
-    if dist.get_rank() == src:
-        return obj
     return _TensorUnpickler(io.BytesIO(payload), received).load()
 
 
