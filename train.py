@@ -333,7 +333,8 @@ def check_memory(
     batch, accum = args.train_batch_size, args.gradient_accumulation_steps
     micro = batch // accum
     needed = step.needed(micro)
-    fixes, n = [], step.fewest_micro_batches(batch, available)
+    fewest = step.fewest_micro_batches(batch, available)
+    fixes, n = [], fewest
     if n is not None and n <= accum:  # for an OOM the estimate missed
         n = next((d for d in range(accum + 1, batch + 1) if batch % d == 0), None)
     if n is not None:
@@ -343,7 +344,7 @@ def check_memory(
         )
     if not auto:
         fixes.append("--gradient_accumulation_steps auto")
-    if step.fewest_micro_batches(batch, available) is None:  # not even one image at a time
+    if fewest is None:  # not even one image at a time fits
         if not args.grad_checkpointing:
             fixes.append("--grad_checkpointing")
         if precision.name == "fp32":
@@ -634,12 +635,10 @@ def check_loss(loss: float, step: int, precision: Precision, files: RunFiles) ->
         )
 
 
-def stop_asker(stop: StopRequest, ctx: dist.Context):
+def stop_asker(stop: StopRequest):
     """The question asked before every micro-batch: has a signal asked this run to stop? Under
     DDP every process gets the same answer at the same point (a host all-reduce: it waits for
-    no device), so that all stop at the same micro-batch."""
-    if not ctx.distributed:
-        return lambda: stop.signum is not None
+    no device), so that all stop at the same micro-batch; in one process it is the flag."""
     return lambda: dist.any_rank(stop.signum is not None)
 
 
@@ -656,13 +655,12 @@ def stop_saved(run: Run, meter: Meter, reporter: Reporter, saver: Saver, signum:
         if saver.is_main:
             log.warning("stopped by signal %s: nothing was trained yet, so nothing was saved; "
                         "run the same command to start again", when)  # fmt: skip
-        reporter.close()
-        return 128 + signum
-    saver.last(run)
-    if saver.is_main:
-        saved = "state" if not abandoned else f"the state of step {run.step}"
-        log.warning("stopped by signal %s; %s saved to %s. Resume with the same command and "
-                    "--resume auto", when, saved, saver.files.last)  # fmt: skip
+    else:
+        saver.last(run)
+        if saver.is_main:
+            saved = "state" if not abandoned else f"the state of step {run.step}"
+            log.warning("stopped by signal %s; %s saved to %s. Resume with the same command "
+                        "and --resume auto", when, saved, saver.files.last)  # fmt: skip
     reporter.close()
     return 128 + signum
 
@@ -821,7 +819,7 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
     saver = Saver(files, vars(args), data.classes, start, ctx.is_main)
     meter, first_step = Meter(global_batch, ctx.world_size), run.step + 1
     accumulation, max_norm = args.gradient_accumulation_steps, args.max_grad_norm
-    stop_now = stop_asker(stop, ctx)
+    stop_now = stop_asker(stop)
     model.train()
     while run.step < args.num_steps:
         batch = data_path.next_batch()

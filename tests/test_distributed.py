@@ -24,6 +24,11 @@ pytestmark = pytest.mark.slow
 NO_DROPOUT = ["--config", "transformer.dropout_rate=0"]
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a training subprocess: this checkout importable, one thread each."""
+    return {**os.environ, "PYTHONPATH": str(Path(train.__file__).parent), "OMP_NUM_THREADS": "1"}
+
+
 def torchrun(tmp_path: Path, nproc: int, *args: str, wait: bool = True):
     """``torchrun --nproc_per_node nproc train.py ...`` on the CPU; Popen when not waiting."""
     command = [
@@ -33,7 +38,7 @@ def torchrun(tmp_path: Path, nproc: int, *args: str, wait: bool = True):
         "--logdir", str(tmp_path / "logs"), *args,
     ]  # fmt: skip
     tmp_path.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(Path(train.__file__).parent), "OMP_NUM_THREADS": "1"}
+    env = child_env()
     if not wait:
         return subprocess.Popen(
             command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -200,7 +205,7 @@ def node(folder: Path, rank: int, port: int, args: list[str]) -> subprocess.Pope
         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
         str(Path(train.__file__)), *args,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(Path(train.__file__).parent), "OMP_NUM_THREADS": "1"}
+    env = child_env()
     out = subprocess.PIPE if rank == 0 else (folder.parent / f"node{rank}.log").open("a")
     return subprocess.Popen(
         command, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
@@ -247,7 +252,7 @@ def test_two_nodes_without_a_shared_disk_train_stop_resume_and_equal_one_process
             torch.manual_seed(3)
             model = VisionTransformer(apply_overrides(CONFIGS["testing"], SMALL_CONFIG), 32)
             torch.save(model.state_dict(), folder / "init.bin")
-    env = {**os.environ, "PYTHONPATH": str(Path(train.__file__).parent), "OMP_NUM_THREADS": "1"}
+    env = child_env()
     one = subprocess.run(
         [sys.executable, str(Path(train.__file__)), *two_node_flags("--train_batch_size", "8")],
         cwd=folders["one"], env=env, capture_output=True, text=True, timeout=600,

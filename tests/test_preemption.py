@@ -22,7 +22,7 @@ import torch
 
 import train
 from models.modeling import VisionTransformer
-from tests.test_distributed import assert_same_weights, last_state
+from tests.test_distributed import assert_same_weights, last_state, run_in_process
 from tests.test_train import REPO, SMALL, closed_port
 
 pytestmark = pytest.mark.slow
@@ -132,14 +132,9 @@ def test_sigterm_to_a_torchrun_group_saves_and_resumes_exactly(
 
 def accumulated_run(folder: Path, subset: Path, *extra: str) -> int:
     """16 images per step in 4 micro-batches of 4, dropout on, in this process."""
-    return train.main(
-        [
-            "--name", "run", *SMALL, "--pretrained_dir", "none", "--data_dir", str(subset),
-            "--output_dir", str(folder / "output"), "--logdir", str(folder / "logs"),
-            "--train_batch_size", "16", "--gradient_accumulation_steps", "4", "--num_steps", "8",
-            "--eval_every", "4", "--warmup_steps", "2", "--log_every", "2", "--device", "cpu",
-            *extra,
-        ]
+    return run_in_process(
+        folder, subset, "--gradient_accumulation_steps", "4", "--num_steps", "8",
+        "--eval_every", "4", "--warmup_steps", "2", "--log_every", "2", "--device", "cpu", *extra,
     )  # fmt: skip
 
 
