@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
+import shlex
 import signal
 import time
 import warnings
@@ -26,11 +26,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models.checkpoint import load_resized
 from models.configs import apply_overrides
-from models.errors import UsageError
+from models.errors import UsageError, one_line
 from models.modeling import CONFIGS, VisionTransformer, uncovered_pixels
-from models.npz_io import read_npz
+from models.npz_io import check_downloaded_npz, npz_problem, read_npz
 from models.pretrained import BUCKET, MIRROR_VARIABLE, default_filename, describe, official_url
-from utils.cli import Parser, add_data_on_device_arg, add_model_args, run_main
+from utils.cli import Parser, StoreOverriding, add_data_on_device_arg, add_model_args, run_main
 from utils.data.cifar import CIFAR, ensure_cifar
 from utils.data.datasets import DATASETS, RunData, build_datasets
 from utils.data.device_batches import DeviceBatches, DeviceCopies, use_device_data
@@ -38,11 +38,11 @@ from utils.data.download import DownloadError, download_file
 from utils.data.loader import evaluation_batches
 from utils.data.loader import make_loader as worker_loader
 from utils.data.sampling import GlobalBatchSampler, shard_indices, unwrap_subset
+from utils.files import FoldersMade
 from utils.inspection.figures import log_eval_images
 from utils.training import distributed as dist
-from utils.training.checkpoint import rng_state, set_rng_state
 from utils.training.engine import evaluate, train_step
-from utils.training.logger import Meter, Reporter, setup_logging
+from utils.training.logger import Meter, Reporter, remove_events, setup_logging
 from utils.training.memory import (
     GIB,
     StepMemory,
@@ -52,8 +52,9 @@ from utils.training.memory import (
     trial_step_fits,
 )
 from utils.training.precision import Precision
-from utils.training.run_files import RunFiles, TrainingState, read_weights
-from utils.training.scheduler import build_scheduler
+from utils.training.rng import rng_state, set_rng_state
+from utils.training.run_files import RunFiles, TrainingState, all_finite, read_weights, write_error
+from utils.training.scheduler import build_scheduler, next_lr_from_schedule
 from utils.training.signals import StopRequest
 
 log = logging.getLogger("vit")
@@ -62,7 +63,8 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    usage = __doc__.partition("\n\nWhy one file")[0]  # not the note to developers
+    p = Parser(description=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="name of this run: log folder and file names")
     p.add_argument(
         "--dataset",
@@ -112,14 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_steps",
         type=int,
         default=None,
-        help="optimizer steps; or give --num_epochs instead (default: 10000)",
+        action=StoreOverriding,
+        overrides=("num_epochs",),
+        help="optimizer steps; or give --num_epochs instead. Of the two, the one typed last "
+        "counts: either overrides a recipe's --num_steps (default: 10000)",
     )
     p.add_argument(
         "--num_epochs",
         type=float,
         default=None,
-        help="passes over the training images instead of --num_steps: steps = epochs x training "
-        "images // global batch, logged; warm-up and evaluation stay in steps (default: none)",
+        action=StoreOverriding,
+        overrides=("num_steps",),
+        help="passes over the training images instead of --num_steps (the later of the two "
+        "counts): steps = epochs x training images // global batch, logged; warm-up and "
+        "evaluation stay in steps (default: none)",
     )
     p.add_argument(
         "--decay_type",
@@ -197,8 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         default=None,
-        help="a <name>_last.pt to continue from, or 'auto' for this run's own, if any "
-        "(default: none)",
+        help="a <name>_last.pt to continue from, or 'auto' for this run's own, if any; with "
+        "a larger --num_steps, a finished run trains further (default: none)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh where --output_dir already holds files of this --name: they are "
+        "deleted (with the run's TensorBoard events) once every start-up check has passed; "
+        "without it such a run is refused",
     )
     return p
 
@@ -210,8 +225,7 @@ def accumulation(text: str) -> int | str:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse values that would crash later or silently train something else than asked."""
-    if args.num_steps is not None and args.num_epochs is not None:
-        raise UsageError("--num_steps and --num_epochs both set the run's length; pass one")
+    assert args.num_steps is None or args.num_epochs is None, "the parser keeps the later one"
     if args.num_steps is None and args.num_epochs is None:
         args.num_steps = 10000
     positive = (
@@ -245,6 +259,8 @@ def check_args(args: argparse.Namespace) -> None:
     config = apply_overrides(CONFIGS[args.model_type], args.config)  # a typo fails now
     if problem := uncovered_pixels(config, args.img_size):
         raise UsageError(problem)
+    if args.overwrite and args.resume is not None:
+        raise UsageError("--overwrite starts afresh and --resume continues; pass one of them")
     if args.fp16 and args.precision not in (None, "fp16"):
         raise UsageError(f"--fp16 contradicts --precision {args.precision}; pass one of them")
     if args.loss_scale > 0 and not (args.fp16 or args.precision == "fp16"):
@@ -270,17 +286,42 @@ def steps_of_epochs(epochs: float, images: int, global_batch: int) -> int:
     return steps
 
 
-def prepare_output(path: Path) -> None:
-    """Fail now, not after hours of training, when checkpoints cannot be written."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(
-            f"--output_dir {path} cannot be written ({error.strerror}); choose another folder"
-        ) from None
+def claim_run(files: RunFiles, args: argparse.Namespace) -> None:
+    """Fail now, not after hours of training, where the run could not write its files or would
+    replace finished ones; then hold its name against a second run (rank 0, which writes)."""
+    files.check_writable("--output_dir", files.output)
+    files.check_writable("--logdir", Path(args.logdir) / args.name)
+    files.claim(args.resume, args.overwrite)
+
+
+def check_inputs(args: argparse.Namespace, files: RunFiles) -> None:
+    """Every missing input named in one line, before anything slow (data set scan, memory
+    estimate, download) runs."""
+    problems = []
+    weights, _ = starting_point(args)
+    if weights is not None and not weights.exists() and official_url(weights.name) is None:
+        given = (
+            f"--pretrained_dir {weights.absolute()}"
+            if args.pretrained_dir
+            else f"the default --pretrained_dir of --model_type {args.model_type}, "
+            f"{weights.absolute()},"
+        )
+        problems.append(
+            f"{given} does not exist and is not the name of an official checkpoint (e.g. "
+            "ViT-B_16.npz); pass an existing file, or --pretrained_dir none for random weights"
+        )
+    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
+        problems.append(
+            f"--resume {Path(args.resume).absolute()}: no such file (use 'auto' to resume "
+            f"{files.last} if present)"
+        )
+    if args.dataset == "imagefolder" and not (Path(args.data_dir) / "train").is_dir():
+        folder = Path(args.data_dir).absolute()
+        problems.append(
+            f"--data_dir {folder} has no train/ folder; expected {folder}/train/<class>/<images>"
+        )
+    if problems:
+        raise UsageError("; and ".join(problems))
 
 
 def starting_point(args: argparse.Namespace) -> tuple[Path | None, str]:
@@ -299,10 +340,18 @@ def starting_point(args: argparse.Namespace) -> tuple[Path | None, str]:
 
 
 def fetch_pretrained(path: Path, args: argparse.Namespace) -> Path:
-    """The checkpoint at ``path``, downloaded from Google's bucket first when it is official."""
-    if path.exists():
-        return path
+    """The checkpoint at ``path``, downloaded from Google's bucket first when it is official; an
+    official file there or arriving that is not a readable .npz is refused, the download kept
+    only when complete."""
     url = official_url(path.name)
+    if path.exists():
+        if url is not None and (problem := npz_problem(path)):
+            where = path.absolute()
+            raise UsageError(
+                f"{where} is not a readable .npz ({problem}); delete it "
+                f"(rm {shlex.quote(str(where))}) and run again to download it anew"
+            )
+        return path
     if url is None:
         given = (
             f"--pretrained_dir {path}"
@@ -315,7 +364,7 @@ def fetch_pretrained(path: Path, args: argparse.Namespace) -> Path:
         )
     log.info("downloading %s to %s", url, path)
     try:
-        return download_file(url, path, desc=path.name)
+        return download_file(url, path, desc=path.name, verify=check_downloaded_npz)
     except DownloadError as error:
         raise UsageError(
             f"{error}, or set {MIRROR_VARIABLE} to a mirror of {BUCKET} (the same layout)"
@@ -323,7 +372,12 @@ def fetch_pretrained(path: Path, args: argparse.Namespace) -> Path:
 
 
 def check_memory(
-    step: StepMemory, args, ctx: dist.Context, precision: Precision, auto: bool = False
+    step: StepMemory,
+    args,
+    ctx: dist.Context,
+    precision: Precision,
+    auto: bool = False,
+    model: VisionTransformer | None = None,
 ) -> str:
     """The advice an out-of-memory error in a step will give. Refuse the step now only where no
     trial step can say (off CUDA, where running out of memory kills the process) and only when
@@ -344,12 +398,8 @@ def check_memory(
         )
     if not auto:
         fixes.append("--gradient_accumulation_steps auto")
-    if fewest is None:  # not even one image at a time fits
-        if not args.grad_checkpointing:
-            fixes.append("--grad_checkpointing")
-        if precision.name == "fp32":
-            fixes.append("--precision bf16")
-        fixes.append("a smaller --img_size")
+    if fewest is None and model is not None:  # not even one image at a time fits
+        fixes += switches_that_fit(model, args, ctx, precision, available)
     advice = (
         f"a step of {micro} images of {args.img_size} px ({args.model_type}, {precision.name}) "
         f"needs about {needed / GIB:.1f} GiB, and {available / GIB:.1f} GiB of "
@@ -361,6 +411,36 @@ def check_memory(
     if needed > available:
         log.warning("the memory estimate says this may not fit (%s); trying it", advice)
     return advice
+
+
+def switches_that_fit(model: VisionTransformer, args, ctx: dist.Context, precision: Precision,
+                      available: int) -> list[str]:  # fmt: skip
+    """Where no micro-batch fits: ``--grad_checkpointing`` and/or ``--precision bf16``, each
+    with the micro-batches it needs, measured as the run's own step was; only those that fit."""
+    batch, found = args.train_batch_size, []
+    names = {precision.name, "bf16" if precision.name == "fp32" else precision.name}
+    options = [(c, p) for c in {args.grad_checkpointing, True} for p in names]
+    for checkpointing, name in sorted(options):
+        if (checkpointing, name) == (args.grad_checkpointing, precision.name):
+            continue
+        model.set_grad_checkpointing(checkpointing)
+        autocast = Precision(name, ctx.device, 0).autocast
+        step = measure_step(model, args.img_size, ctx.device, autocast)
+        if n := step.fewest_micro_batches(batch, available):
+            switches = " ".join(
+                ([] if checkpointing == args.grad_checkpointing else ["--grad_checkpointing"])
+                + ([] if name == precision.name else [f"--precision {name}"])
+            )
+            found.append(
+                f"{switches} --gradient_accumulation_steps {n} (micro-batches of {batch // n}, "
+                f"about {step.needed(batch // n) / GIB:.1f} GiB)"
+            )
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    if not found:
+        found.append(
+            "a smaller --img_size or --model_type: no flag of this run makes one image fit"
+        )
+    return found
 
 
 def choose_accumulation(
@@ -416,8 +496,33 @@ def restore_state(files: RunFiles, args: argparse.Namespace, global_batch: int):
     state = TrainingState.read(path)
     if reason := state.refusal(vars(args), global_batch):
         raise UsageError(f"--resume {path} {reason}")
-    log.info("resumed from %s at step %d", path, state.step)
+    if not all_finite(state.model):
+        raise UsageError(
+            f"--resume {path} holds non-finite weights (NaN or infinity): an earlier version "
+            "saved them after the loss diverged; start again with a lower --learning_rate and "
+            "--overwrite"
+        )
+    end = state.ends[-1]
+    if args.num_steps > end:
+        log.info(
+            "resumed from %s at step %d; %s, then steps %d to %d warm up again over %d steps "
+            "and decay (%s) to zero at step %d",
+            path, state.step,
+            f"its run of {end} steps was finished" if state.step == end
+            else f"its schedule ends at step {end}",
+            end + 1, args.num_steps, args.warmup_steps, args.decay_type, args.num_steps,
+        )  # fmt: skip
+    else:
+        log.info("resumed from %s at step %d", path, state.step)
     return state
+
+
+def schedule_ends(state: TrainingState | None, num_steps: int) -> list[int]:
+    """The last step of each learning-rate schedule of the run (see ``build_scheduler``)."""
+    if state is None:
+        return [num_steps]
+    ends = state.ends
+    return ends if num_steps == ends[-1] else [*ends, num_steps]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,19 +656,36 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    ends: list[int]  # the last step of each learning-rate schedule
     step: int = 0
     best_acc: float = 0.0
     best_step: int = 0
     last_acc: float = float("nan")
 
-    def restore(self, state: TrainingState, ctx: dist.Context) -> None:
-        self.model.load_state_dict(state.model)
-        self.optimizer.load_state_dict(state.optimizer)
-        self.scheduler.load_state_dict(state.scheduler)
-        self.scaler.load_state_dict(state.scaler)
+    def restore(self, state: TrainingState, ctx: dist.Context, seed: int) -> None:
+        try:
+            self.model.load_state_dict(state.model)
+            self.optimizer.load_state_dict(state.optimizer)
+            self.scheduler.load_state_dict(state.scheduler)
+            self.scaler.load_state_dict(state.scaler)
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise UsageError(
+                f"the training state does not fit the model it records ({one_line(error)}); "
+                "resume from another file, or start again with --overwrite"
+            ) from None
+        next_lr_from_schedule(self.scheduler)  # a run trained further: its new schedule's
         self.step, self.best_acc, self.best_step = state.step, state.best_acc, state.best_step
         if len(state.rng) == ctx.world_size:
             set_rng_state(state.rng[ctx.rank])
+        else:  # the data stream depends on the global batch alone; dropout on each process
+            torch.manual_seed(seed + ctx.rank + 1_000_003 * state.step)
+            if ctx.is_main:
+                log.warning(
+                    "resumed on %d process(es), saved on %d: the data order and augmentation "
+                    "go on exactly as saved; each process's dropout draws start afresh (from "
+                    "--seed and the step), so the steps differ from an uninterrupted run's",
+                    ctx.world_size, len(state.rng),
+                )  # fmt: skip
 
     def state(self, rngs: list, args: dict, classes: list[str], start: str) -> TrainingState:
         return TrainingState(
@@ -580,10 +702,12 @@ class Run:
             config=self.model.config.to_dict(),
             classes=classes,
             start=start,
+            schedule=self.ends,
         )
 
 
-def build_run(model, args: argparse.Namespace, ctx: dist.Context, precision: Precision) -> Run:
+def build_run(model, args: argparse.Namespace, ctx: dist.Context, precision: Precision,
+              ends: list[int]) -> Run:  # fmt: skip
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=args.learning_rate,
@@ -593,13 +717,13 @@ def build_run(model, args: argparse.Namespace, ctx: dist.Context, precision: Pre
         # loss scaler skips keeps uninitialised momentum buffers (torch 2.14, CPU and CUDA).
         fused=precision.name != "fp16",
     )
-    scheduler = build_scheduler(optimizer, args.decay_type, args.warmup_steps, args.num_steps)
+    scheduler = build_scheduler(optimizer, args.decay_type, args.warmup_steps, ends)
     stepper = model
     if ctx.distributed:
         stepper = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     if args.compile:  # DDP inside, so that its all-reduce overlaps the compiled backward
         stepper = torch.compile(stepper)
-    return Run(model, stepper, optimizer, scheduler, precision.scaler())
+    return Run(model, stepper, optimizer, scheduler, precision.scaler(), ends)
 
 
 def optimize_one_step(run: Run, batch, meter: Meter, precision: Precision, accumulation: int,
@@ -625,14 +749,12 @@ def optimize_one_step(run: Run, batch, meter: Meter, precision: Precision, accum
     return True
 
 
-def check_loss(loss: float, step: int, precision: Precision, files: RunFiles) -> None:
-    """Stop a diverging run (outside fp16, whose scaler skips such steps) with the last good
-    state kept."""
-    if precision.name != "fp16" and not math.isfinite(loss):
-        raise UsageError(
-            f"the loss became {loss} by step {step}; stopping. The last good state is "
-            f"{files.last}: lower --learning_rate, then --resume it"
-        )
+def check_loss(meter: Meter, precision: Precision, saver: Saver) -> None:
+    """Stop a diverging run (outside fp16, whose scaler skips such steps), keeping the last
+    good state; run after every read of the losses."""
+    if precision.name != "fp16" and meter.nonfinite is not None:
+        step, loss = meter.nonfinite
+        raise saver.diverged(f"the loss became {loss} at step {step}")
 
 
 def stop_asker(stop: StopRequest):
@@ -647,6 +769,7 @@ def stop_saved(run: Run, meter: Meter, reporter: Reporter, saver: Saver, signum:
     """Save the state of a run stopped by a signal (the last whole step: one stopped inside is
     dropped); the exit code a shell gives a signal."""
     meter.flush(reporter)
+    check_loss(meter, saver.precision, saver)
     if abandoned:
         when = f"during step {run.step + 1}, which was dropped"
     else:
@@ -667,24 +790,68 @@ def stop_saved(run: Run, meter: Meter, reporter: Reporter, saver: Saver, signum:
 
 @dataclass
 class Saver:
-    """Writes the run's files; holds what every save records besides the run itself."""
+    """Writes the run's files, each only after checking that the weights are finite; holds what
+    every save records besides the run itself, and where the last good state is."""
 
     files: RunFiles
     args: dict  # the command line, ``vars(args)``
     classes: list[str]
     start: str  # the words for the weights the run began from
-    is_main: bool
+    ctx: dist.Context
+    precision: Precision
+    kept: tuple[Path, int] | None = None  # the last good state on disk: (file, step)
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.is_main
 
     def last(self, run: Run) -> None:
         """``<name>_last.pt``: every process's RNG state, written by rank 0."""
+        self.check_weights(run)
         rngs = dist.gather_objects(rng_state())
-        if self.is_main:
-            run.state(rngs, self.args, self.classes, self.start).write(self.files.last)
+        state = run.state(rngs, self.args, self.classes, self.start) if self.is_main else None
+        dist.from_main(lambda: state.write(self.files.last), self.ctx)
+        self.kept = (self.files.last, run.step)
 
     def best(self, run: Run) -> None:
         """The best weights, written by rank 0 (the only process that reads them back)."""
-        if self.is_main:
-            self.files.save_best(run.model.state_dict(), self.args, self.classes)
+        self.check_weights(run)
+        weights = run.model.state_dict()
+        dist.from_main(lambda: self.files.save_best(weights, self.args, self.classes), self.ctx)
+
+    def check_weights(self, run: Run) -> None:
+        if not all_finite(run.model.state_dict()):
+            raise self.diverged(
+                f"the weights became NaN or infinite in step {run.step}, whose loss was finite"
+            )
+
+    def diverged(self, what: str) -> UsageError:
+        """The error that stops a diverging run, with where the last good state is."""
+        if self.kept is None:
+            return UsageError(
+                f"{what}; stopping, with nothing saved: run the same command with a lower "
+                "--learning_rate"
+            )
+        path, step = self.kept
+        return UsageError(
+            f"{what}; stopping without saving it. The last good state is {path} (step {step}), "
+            "trained at the learning rate that diverged: start again with a lower "
+            "--learning_rate and --overwrite, or under another --name"
+        )
+
+    def write_failed(self, error: OSError) -> UsageError | None:
+        """The error for a write that failed during training (disk full, quota, permissions),
+        or None for an OSError that is not one."""
+        if (words := write_error(error)) is None:
+            return None
+        if self.kept is None:
+            return UsageError(f"{words}; nothing was saved yet: make room, then run again")
+        path, step = self.kept
+        return UsageError(
+            f"{words}; the last good state, step {step}, is intact in {path}: make room (or "
+            "fix the permissions), then run the same command with --resume "
+            f"{'auto' if path == self.files.last else path}"
+        )
 
 
 def evaluate_and_save(run: Run, batches, data: RunData, precision: Precision, ctx, reporter,
@@ -769,6 +936,9 @@ def finish(run: Run, data: RunData, data_path: DataPath, precision: Precision, c
     verdict, metrics = final_verdict(
         run, data, data_path.test(), saver.files, precision, ctx, reporter
     )
+    skipped = set().union(*dist.gather_objects(data.unreadable_images()))  # every rank's finds
+    if ctx.is_main and skipped:
+        log.warning("%d unreadable image(s) skipped, each named in a warning", len(skipped))
     reporter.hparams({**vars(args), "config": " ".join(args.config)}, metrics, run.step)
     reporter.close()
     if ctx.is_main:
@@ -778,49 +948,85 @@ def finish(run: Run, data: RunData, data_path: DataPath, precision: Precision, c
 
 def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int:
     files = RunFiles(Path(args.output_dir), args.name)
-    # Rank 0 writes every file of the run (and reads them back): only its disk needs the
-    # folders; its verdict reaches every rank, so none is left waiting for one that has exited.
-    dist.from_main(lambda: prepare_output(files.output), ctx)
-    global_batch = args.train_batch_size * ctx.world_size
-    data = build_data(args, ctx)
-    set_length(args, len(data.train), global_batch)
-    state = dist.from_main(lambda: restore_state(files, args, global_batch), ctx)
     weights, start = starting_point(args)
-    start = (state.start or start) if state is not None else start
-    log.info(start if state is None else f"resuming a run that began {start}")
+    # what a start that fails removes again, when empty: the folders it made
+    made = FoldersMade(files.output, Path(args.logdir) / args.name, Path(args.data_dir),
+                       *([weights.parent] if weights is not None else []))  # fmt: skip
+    try:
+        # Rank 0 writes every file of the run (and reads them back): only its disk needs the
+        # folders; its verdict reaches every rank, so none is left waiting for one that exited.
+        dist.from_main(lambda: check_inputs(args, files), ctx)
+        dist.from_main(lambda: claim_run(files, args), ctx)
+        return train_claimed(args, ctx, stop, files, weights, start, made)
+    finally:
+        files.release()
 
-    torch.manual_seed(args.seed)  # the same initial weights on every process
-    model = build_model(args, len(data.classes)).to(ctx.device)
-    precision = Precision(
-        args.precision or ("fp16" if args.fp16 else "fp32"), ctx.device, args.loss_scale
-    )
-    footprint = measure_step(model, args.img_size, ctx.device, precision.autocast)
-    auto = args.gradient_accumulation_steps == "auto"
-    if auto:  # from here on, a number
-        resumed = state.args.get("gradient_accumulation_steps") if state is not None else None
-        args.gradient_accumulation_steps = choose_accumulation(
-            model, footprint, args, ctx, precision, resumed if isinstance(resumed, int) else None
+
+def train_claimed(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest,
+                  files: RunFiles, weights: Path | None, start: str,
+                  made: FoldersMade) -> int:  # fmt: skip
+    try:
+        global_batch = args.train_batch_size * ctx.world_size
+        data = build_data(args, ctx)
+        set_length(args, len(data.train), global_batch)
+        state = dist.from_main(lambda: restore_state(files, args, global_batch), ctx)
+        start = (state.start or start) if state is not None else start
+        log.info(start if state is None else f"resuming a run that began {start}")
+
+        torch.manual_seed(args.seed)  # the same initial weights on every process
+        model = build_model(args, len(data.classes)).to(ctx.device)
+        precision = Precision(
+            args.precision or ("fp16" if args.fp16 else "fp32"), ctx.device, args.loss_scale
         )
-    # before a download that might be wasted
-    memory = check_memory(footprint, args, ctx, precision, auto)
-    if state is None and weights is not None:
-        load_initial_weights(weights, args, ctx, model)
-    torch.manual_seed(args.seed + ctx.rank)  # dropout differs across processes, as across shards
-    run = build_run(model, args, ctx, precision)
-    if state is not None:
-        run.restore(state, ctx)
+        footprint = measure_step(model, args.img_size, ctx.device, precision.autocast)
+        auto = args.gradient_accumulation_steps == "auto"
+        if auto:  # from here on, a number
+            saved = state.args.get("gradient_accumulation_steps") if state is not None else None
+            args.gradient_accumulation_steps = choose_accumulation(
+                model, footprint, args, ctx, precision, saved if isinstance(saved, int) else None
+            )
+        # before a download that might be wasted
+        memory = check_memory(footprint, args, ctx, precision, auto, model)
+        if state is None and weights is not None:
+            load_initial_weights(weights, args, ctx, model)
+        torch.manual_seed(args.seed + ctx.rank)  # dropout differs across processes
+        run = build_run(model, args, ctx, precision, schedule_ends(state, args.num_steps))
+        if state is not None:
+            run.restore(state, ctx, args.seed)
+        if args.overwrite:  # every check has passed: the earlier run's files go now
+            dist.from_main(lambda: remove_earlier_run(files, Path(args.logdir) / args.name), ctx)
 
-    data_path = DataPath(
-        data, ctx, global_batch, run.step, seed=args.seed, data_on_device=args.data_on_device,
-        num_workers=args.num_workers, eval_batch_size=args.eval_batch_size,
-    )  # fmt: skip
-    log_setup(args, ctx, data, global_batch, precision)
-    reporter = open_reporter(args, ctx.is_main, start, run.step)
-    saver = Saver(files, vars(args), data.classes, start, ctx.is_main)
+        data_path = DataPath(
+            data, ctx, global_batch, run.step, seed=args.seed,
+            data_on_device=args.data_on_device, num_workers=args.num_workers,
+            eval_batch_size=args.eval_batch_size,
+        )  # fmt: skip
+        log_setup(args, ctx, data, global_batch, precision)
+        reporter = open_reporter(args, ctx.is_main, start, run.step)
+    except BaseException:
+        if ctx.is_main:
+            files.release()
+            made.remove_empty()
+        raise
+    saver = Saver(files, vars(args), data.classes, start, ctx, precision)
+    if state is not None:
+        saver.kept = (files.resume_from(args.resume), state.step)
+    try:
+        return train_loop(run, args, ctx, stop, data, data_path, precision, reporter, saver,
+                          memory, global_batch)  # fmt: skip
+    except OSError as error:
+        if (failed := saver.write_failed(error)) is None:
+            raise
+        raise failed from None
+
+
+def train_loop(run: Run, args: argparse.Namespace, ctx: dist.Context, stop: StopRequest,
+               data: RunData, data_path: DataPath, precision: Precision, reporter: Reporter,
+               saver: Saver, memory: str, global_batch: int) -> int:  # fmt: skip
     meter, first_step = Meter(global_batch, ctx.world_size), run.step + 1
     accumulation, max_norm = args.gradient_accumulation_steps, args.max_grad_norm
     stop_now = stop_asker(stop)
-    model.train()
+    run.model.train()
     while run.step < args.num_steps:
         batch = data_path.next_batch()
         if stop_now():  # asked during the last step, its evaluation or save, or this batch
@@ -834,7 +1040,8 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         if run.step == first_step and not evaluate_now:
             meter.flush(reporter, timed=False)  # warm-up (and compilation) is not throughput
         elif run.step % args.log_every == 0 or evaluate_now or save_now:
-            check_loss(meter.flush(reporter), run.step, precision, files)
+            meter.flush(reporter)
+        check_loss(meter, precision, saver)  # the first step's, and before any save
         if evaluate_now:
             evaluate_and_save(run, data_path.select, data, precision, ctx, reporter, saver)
             meter.restart_clock()
@@ -843,6 +1050,13 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
             meter.restart_clock()
     finish(run, data, data_path, precision, ctx, reporter, saver, meter, args)
     return 0
+
+
+def remove_earlier_run(files: RunFiles, events: Path) -> None:
+    """``--overwrite``: the earlier run's files and TensorBoard events, deleted and logged."""
+    removed = [*files.remove(), *remove_events(events)]
+    if removed:
+        log.warning("--overwrite: deleted %s", ", ".join(str(p) for p in removed))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ MEMORY_ROWS = ("ViT-B_16@224", "ViT-B_16@384", "ViT-L_16@224", "ViT-L_16@384", "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    usage = __doc__.partition("\n\nOne file (")[0]  # not the note to developers
+    p = Parser(description=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument(
         "--precision",

@@ -3,13 +3,15 @@
 Sizes follow Dosovitskiy et al. 2021, table 1 (Ti and S from Steiner et al. 2021, "How to train your
 ViT"). Every config is an ``ml_collections.ConfigDict`` so that code written for the reference
 implementation (``CONFIGS["ViT-B_16"].hidden_size``) keeps working; ``apply_overrides`` changes a
-copy from ``KEY=VALUE`` strings and refuses keys that do not exist.
+copy from ``KEY=VALUE`` strings and refuses keys that do not exist, values of the wrong type, and
+(``check_config``) values that build no model.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import ml_collections
@@ -140,7 +142,8 @@ for _config in CONFIGS.values():
 
 
 class ConfigOverrideError(UserError, ValueError):
-    """A ``KEY=VALUE`` override that names no field or gives a value of the wrong type."""
+    """A ``KEY=VALUE`` override that names no field, gives a value of the wrong type, or makes a
+    config that builds no model."""
 
 
 def flat_fields(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -173,6 +176,81 @@ def _parse_scalar(text: str, like: object, key: str, field_type: type | None) ->
     raise ConfigOverrideError(f"--config {key}: fields of type {kind.__name__} cannot be set")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive(value: object) -> str | None:
+    return None if _is_int(value) and value >= 1 else "must be a positive integer"
+
+
+def _rate(value: object) -> str | None:
+    ok = isinstance(value, float | int) and math.isfinite(value) and 0 <= value < 1
+    return None if ok else "must be a rate in [0, 1)"
+
+
+def _patch_size(value: object) -> str | None:
+    if not all(_is_int(side) and side >= 1 for side in value):
+        return "must be positive integers"
+    # the --img_size check and the position-embedding resize work on square grids
+    return None if len(set(value)) == 1 else "must be square, e.g. 16,16"
+
+
+def _classifier(value: object) -> str | None:
+    return None if value == "token" else "only 'token' (the class token) is supported"
+
+
+def _representation_size(value: object) -> str | None:
+    if value is None or (_is_int(value) and value >= 1):
+        return None
+    return "must be a positive integer, or none for no pre-logits layer"
+
+
+def _stages(value: object) -> str | None:
+    ok = all(_is_int(units) and units >= 1 for units in value)
+    return (
+        None
+        if ok
+        else "must be positive unit counts, one per stage (resnet.num_layers= for the stem alone)"
+    )
+
+
+# What each field of a config may hold; check_config asks every field, so a field added to the
+# configs above needs its rule here.
+_RULES: dict[str, Callable[[object], str | None]] = {
+    "patches.size": _patch_size,
+    "hidden_size": _positive,
+    "transformer.mlp_dim": _positive,
+    "transformer.num_heads": _positive,
+    "transformer.num_layers": _positive,
+    "transformer.attention_dropout_rate": _rate,
+    "transformer.dropout_rate": _rate,
+    "classifier": _classifier,
+    "representation_size": _representation_size,
+    "resnet.num_layers": _stages,
+    "resnet.width_factor": _positive,
+}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuse a config that builds no model, or one other than asked: sizes below 1, dropout
+    rates outside [0, 1) (NaN included), a head count that does not divide the width, a
+    classifier the model lacks. Raises ConfigOverrideError naming the field."""
+    fields = flat_fields(config.to_dict())
+    for key, value in fields.items():
+        assert key in _RULES, f"config field {key} has no rule in models/configs.py"
+        if problem := _RULES[key](value):
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            raise ConfigOverrideError(f"--config {key}={shown}: {problem}")
+    hidden, heads = fields["hidden_size"], fields["transformer.num_heads"]
+    if hidden % heads:
+        divisors = [n for n in range(1, min(hidden, 64) + 1) if hidden % n == 0]
+        raise ConfigOverrideError(
+            f"--config: hidden_size {hidden} is not divisible by transformer.num_heads {heads}; "
+            f"a head count that divides it: {', '.join(map(str, divisors))}"
+        )
+
+
 # Tuples whose length may change (the number of ResNet stages); others keep theirs.
 _VARIABLE_LENGTH = {"resnet.num_layers"}
 
@@ -199,7 +277,8 @@ def _parse_value(text: str, current: object, key: str, field_type: type | None) 
 def apply_overrides(
     config: ml_collections.ConfigDict, overrides: Iterable[str]
 ) -> ml_collections.ConfigDict:
-    """Return a copy of ``config`` with ``KEY=VALUE`` overrides applied, each type-checked.
+    """Return a copy of ``config`` with ``KEY=VALUE`` overrides applied, each type-checked,
+    the result checked by ``check_config``.
 
     Keys are dotted paths of existing fields (``transformer.num_layers=4``); tuples are written
     comma-separated (``patches.size=4,4``); fields that hold None take ``none`` or a value of their
@@ -228,4 +307,5 @@ def apply_overrides(
         field_type = node.get_ref(leaf).get_type() if current is None else None
         with node.unlocked():
             node[leaf] = _parse_value(text, current, key, field_type)
+    check_config(config)
     return config

@@ -4,7 +4,8 @@ The layout is a flat mapping of Flax parameter paths to arrays (``Transformer/en
 MultiHeadDotProductAttention_1/query/kernel``). Loading builds one table from Google key to our
 parameter and a layout kind that says how the axes differ, converts and checks every tensor, and
 only then copies: a checkpoint that does not fit raises one ``CheckpointError`` listing every
-missing, unexpected and mis-shaped key, and leaves the model untouched.
+missing, unexpected and mis-shaped key and every array that is no weight (not floating point, or
+NaN or infinite values), and leaves the model untouched.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import math
 import re
 import zipfile
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import scipy.ndimage
 import torch
 
-from models.errors import UserError
+from models.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -159,19 +162,79 @@ def resize_pos_embed(posemb: np.ndarray, new_grid: tuple[int, int]) -> np.ndarra
     return np.concatenate([token, grid], axis=1)
 
 
-def read_npz(path: str | Path) -> Mapping[str, np.ndarray]:
-    """``np.load`` that turns a missing, truncated or foreign file into one CheckpointError."""
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _is_array(archive: zipfile.ZipFile, name: str) -> bool:
+    if not name.endswith(".npy"):
+        return False
+    with archive.open(name) as member:
+        return member.read(len(_NPY_MAGIC)) == _NPY_MAGIC
+
+
+def npz_problem(file: str | Path | BinaryIO, thorough: bool = False) -> str | None:
+    """What ``file`` is instead of an .npz of arrays, e.g. "an HTML page" or "a truncated or
+    damaged zip archive (...)"; None when it is one.
+
+    Reads the zip's directory and the first bytes of each member, not the arrays. ``thorough``,
+    for a file just downloaded, also reads every member against its CRC and asks for the key that
+    every ViT checkpoint of Google's has, ``embedding/kernel`` (under one of ``_PREFIXES``).
+    """
     try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
+        with open(file, "rb") if isinstance(file, str | Path) else nullcontext(file) as f:
+            head = f.read(64)
+            f.seek(0)
+            if not head:
+                return "an empty file"
+            if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+                return "an HTML page"
+            if head.startswith(_NPY_MAGIC):
+                return "a single array (.npy), not an .npz of weights"
+            if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+                return f"not a zip archive (starts with {head[:16]!r})"
+            with zipfile.ZipFile(f) as archive:
+                names = archive.namelist()
+                not_arrays = [name for name in names if not _is_array(archive, name)]
+                damaged = archive.testzip() if thorough else None
+    except (zipfile.BadZipFile, EOFError, ValueError) as error:
+        return f"a truncated or damaged zip archive ({type(error).__name__}: {one_line(error)})"
+    except OSError as error:
+        return f"a file that cannot be read ({error.strerror or one_line(error)})"
+    if not names:
+        return "an empty zip archive"
+    if not_arrays:
+        return f"a zip archive of other files than arrays ({describe_keys(not_arrays)})"
+    if damaged is not None:
+        return f"a damaged zip archive (member {damaged} fails its CRC check)"
+    keys = sorted(name[: -len(".npy")] for name in names)
+    if thorough and not any(f"{p}embedding/kernel" in keys for p in _PREFIXES):
+        return f"an .npz without Google's ViT keys (no embedding/kernel in {describe_keys(keys)})"
+    return None
+
+
+def check_downloaded_npz(file: BinaryIO) -> None:
+    """``download_file``'s ``verify`` for Google's checkpoints: a ``CheckpointError`` (a
+    ``ValueError``) saying what ``file`` is, unless it is a complete .npz in Google's layout."""
+    if problem := npz_problem(file, thorough=True):
+        raise CheckpointError(problem)
+
+
+def read_npz(path: str | Path) -> Mapping[str, np.ndarray]:
+    """``np.load`` that turns a missing, truncated or foreign file into one CheckpointError
+    saying what the file is."""
+    where = Path(path).absolute()
+    if not where.exists():
+        raise CheckpointError(f"checkpoint {where} does not exist")
+    try:
+        problem = npz_problem(where)
+        data = None if problem else np.load(where, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        problem = f"{type(error).__name__}: {one_line(error)}"
+    if problem:
         raise CheckpointError(
-            f"checkpoint {path} is not a readable .npz file ({error}); "
-            "it may be truncated: download it again"
-        ) from None
-    if not isinstance(data, Mapping) and not hasattr(data, "files"):
-        raise CheckpointError(f"checkpoint {path} holds a single array, not an .npz of weights")
+            f"checkpoint {where} is not a readable .npz ({problem}); replace it with an .npz in "
+            "Google's layout (an official checkpoint, or one that export.py wrote)"
+        )
     return data
 
 
@@ -186,12 +249,24 @@ def _summary(keys: set[str], prefix: str, get) -> str:
     block = re.compile(rf"{re.escape(prefix)}Transformer/encoderblock_(\d+)/")
     layers = {m.group(1) for k in keys if (m := block.match(k))}
     parts = [f"{len(layers)} layers"]
-    if f"{prefix}embedding/kernel" in keys:
-        kh, kw, cin, hidden = get(f"{prefix}embedding/kernel").shape
+    kernel = get(f"{prefix}embedding/kernel") if f"{prefix}embedding/kernel" in keys else None
+    if kernel is not None and kernel.ndim == 4:
+        kh, kw, cin, hidden = kernel.shape
         parts = [f"hidden size {hidden}", *parts, f"patches {kh}x{kw}"]
         if f"{prefix}conv_root/kernel" in keys:
             parts.append("ResNet stem")
     return ", ".join(parts)
+
+
+def _unusable(array: np.ndarray) -> str | None:
+    """Why an array of the right key cannot be a weight, or None: strings, objects, integers,
+    booleans or complex numbers, or values that are not finite (a damaged file)."""
+    if array.dtype.kind != "f":
+        return f"has dtype {array.dtype}, not floating point"
+    finite = np.isfinite(array)
+    if not finite.all():
+        return f"holds {array.size - np.count_nonzero(finite)} NaN or infinite values"
+    return None
 
 
 def load_npz_weights(model: torch.nn.Module, weights: Mapping[str, np.ndarray]) -> None:
@@ -200,6 +275,8 @@ def load_npz_weights(model: torch.nn.Module, weights: Mapping[str, np.ndarray]) 
         keys = set(weights.keys())
     except Exception as error:  # a dict-like that cannot even list its keys
         raise CheckpointError(f"cannot read the checkpoint's keys: {error}") from None
+    if odd := sorted(repr(k) for k in keys if not isinstance(k, str)):
+        raise CheckpointError(f"checkpoint keys must be strings, found {describe_keys(odd)}")
 
     def get(key: str) -> np.ndarray:
         try:
@@ -214,7 +291,7 @@ def load_npz_weights(model: torch.nn.Module, weights: Mapping[str, np.ndarray]) 
     heads = model.config.transformer.num_heads
     params = dict(model.named_parameters())
     converted: dict[str, torch.Tensor] = {}
-    missing, mismatched, consumed = [], [], set()
+    missing, mismatched, unusable, consumed = [], [], [], set()
     for entry in _layout(model):
         key, target = prefix + entry.key, params[entry.param]
         if entry.param.startswith("head.") and model.zero_head:
@@ -226,6 +303,9 @@ def load_npz_weights(model: torch.nn.Module, weights: Mapping[str, np.ndarray]) 
             continue
         consumed.add(key)
         array = get(key)
+        if problem := _unusable(array):
+            unusable.append(f"{entry.key} {problem}")
+            continue
         expected = _google_shape(tuple(target.shape), entry.kind, heads)
         if entry.key == _POSEMB and array.ndim == 3 and array.shape[-1] == expected[-1]:
             if array.shape != expected:
@@ -255,8 +335,10 @@ def load_npz_weights(model: torch.nn.Module, weights: Mapping[str, np.ndarray]) 
         else:
             log.info("dropping the checkpoint's pre_logits layer, as fine-tuning does")
     unexpected = sorted(k for k in keys if k.startswith(prefix) and k not in consumed)
-    if missing or mismatched or unexpected:
+    if missing or mismatched or unexpected or unusable:
         problems = []
+        if unusable:
+            problems.append(f"{len(unusable)} unusable arrays: {describe_keys(unusable)}")
         if missing:
             problems.append(f"{len(missing)} missing keys: {describe_keys(missing)}")
         if mismatched:
@@ -267,9 +349,13 @@ def load_npz_weights(model: torch.nn.Module, weights: Mapping[str, np.ndarray]) 
             f"hidden size {model.config.hidden_size}, {len(model.transformer.encoder.layer)} "
             f"layers, patches {'x'.join(map(str, model.config.patches.size))}"
         )
+        verdict = (
+            f"does not fit the model ({model_desc})"
+            if missing or mismatched or unexpected
+            else "is damaged (download it again, or export it again)"
+        )
         raise CheckpointError(
-            f"checkpoint ({_summary(keys, prefix, get)}) does not fit the model ({model_desc}): "
-            + "; ".join(problems)
+            f"checkpoint ({_summary(keys, prefix, get)}) {verdict}: " + "; ".join(problems)
         )
     with torch.no_grad():
         for name, value in converted.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
@@ -82,8 +83,16 @@ def listing(root: Path) -> list[str]:
 # A local HTTP server
 
 
+PORTAL_PAGE = b"<!DOCTYPE html>\n<html><body>Sign in to use this network</body></html>\n"
+
+
 class Handler(BaseHTTPRequestHandler):
-    """Serves ``self.server.files``; ``/truncated`` promises more bytes than it sends."""
+    """Serves ``self.server.files``; ``/truncated`` promises more bytes than it sends, ``/portal``
+    and every path below it is a captive portal's page (HTTP 200, text/html). Prefixes change how
+    a file is sent: ``/cut/<path>`` sends its first half without a Content-Length and closes the
+    connection, ``/gcs/<path>`` adds Google Cloud Storage's ``x-goog-hash`` header and
+    ``/gcs-bad-md5/<path>`` one whose MD5 is another file's. Their crc32c is never checked, so it
+    is made up."""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path == "/slow":
@@ -94,11 +103,29 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"x" * 1000)
             return
-        body = self.server.files.get(self.path)
+        if self.path == "/portal" or self.path.startswith("/portal/"):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(PORTAL_PAGE)))
+            self.end_headers()
+            self.wfile.write(PORTAL_PAGE)
+            return
+        mode, _, rest = self.path[1:].partition("/")
+        if mode not in ("cut", "gcs", "gcs-bad-md5"):
+            mode, rest = "", self.path[1:]
+        body = self.server.files.get("/" + rest)
         if body is None:
             self.send_error(404)
             return
         self.send_response(200)
+        if mode == "cut":  # HTTP/1.0: the end of the body is where the connection closes
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            return
+        if mode.startswith("gcs"):
+            hashed = body if mode == "gcs" else body + b"other"
+            md5 = base64.b64encode(hashlib.md5(hashed, usedforsecurity=False).digest()).decode()
+            self.send_header("x-goog-hash", f"crc32c=AAAAAA==,md5={md5}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

@@ -4,13 +4,16 @@ recipes: each parses with train.py's parser, passes its checks and says what the
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import bench.gpu_check
 import bench.throughput
 import evaluate
 import export
@@ -18,6 +21,7 @@ import predict
 import train
 import visualize_attention
 from models.configs import CONFIGS, apply_overrides
+from utils.cli import run_main
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.args"))
@@ -150,6 +154,63 @@ def test_a_missing_flag_file_is_one_line_and_exit_code_2(
     assert str(missing) in err and "Errno" not in err
 
 
+@pytest.fixture
+def sigint_handler():
+    """run_main makes a Ctrl-C after an interrupt end the process at once; not pytest's."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
+def run_main_code(main) -> int:
+    try:
+        run_main(main, "x.py")
+    except SystemExit as stop:
+        return stop.code
+    except KeyboardInterrupt:
+        pytest.fail("run_main let the Ctrl-C through")
+    pytest.fail("run_main did not exit")
+
+
+def test_ctrl_c_in_a_finaliser_is_one_line_and_exit_code_130(capsys, sigint_handler) -> None:
+    """Python prints a KeyboardInterrupt raised in a __del__ as "Exception ignored" and goes
+    on (a DataLoader shutting its workers down); run_main reports it as an interruption."""
+
+    class Finalised:
+        def __del__(self) -> None:
+            raise KeyboardInterrupt("what was saved")
+
+    def main() -> int:
+        Finalised()
+        return 0
+
+    assert run_main_code(main) == 130
+    assert capsys.readouterr().err == "x.py: interrupted: what was saved\n"
+
+
+def test_an_interrupt_kills_the_workers_a_cut_short_shutdown_leaves(capsys, sigint_handler) -> None:
+    """Our workers ignore SIGTERM, so multiprocessing's exit (terminate, then join) would wait
+    for them forever when a Ctrl-C cut the DataLoader's own shutdown short."""
+    from torch.utils.data import DataLoader
+
+    from utils.training.signals import ignore_stop_signals
+
+    kept = []
+
+    def main() -> int:
+        loader = DataLoader(
+            range(64), batch_size=2, num_workers=2, worker_init_fn=ignore_stop_signals
+        )
+        kept.append(iter(loader))
+        next(kept[0])  # workers running; the iterator is never shut down
+        raise KeyboardInterrupt
+
+    assert run_main_code(main) == 130
+    assert capsys.readouterr().err == "x.py: interrupted\n"
+    assert not multiprocessing.active_children()
+    kept.clear()
+
+
 # ---------------------------------------------------------------------------------------------
 # --help
 
@@ -184,6 +245,15 @@ def test_help_shows_one_spelling_per_flag_each_explained_with_its_default(script
         except ValueError:
             continue  # a default that depends on the machine, e.g. min(4, CPU count)
         assert value == default, f"{name}: help says {stated[1]!r}, the default is {default!r}"
+
+
+@pytest.mark.parametrize("script", [*SCRIPTS, "bench/gpu_check.py"])
+def test_help_leaves_out_the_docstrings_note_to_developers(script: str) -> None:
+    module = SCRIPTS.get(script) or bench.gpu_check
+    text = " ".join(module.build_parser().format_help().split())
+    assert " ".join(module.__doc__.split("\n\n")[0].split()) in text  # the summary stays
+    for note in ("Why one file", "One file ("):
+        assert note not in text
 
 
 def test_help_on_the_command_line_is_the_same_text() -> None:
@@ -250,3 +320,16 @@ def test_a_flag_typed_after_a_recipe_overrides_it() -> None:
     path = REPO / "recipes" / "vit-b16-cifar10-google.args"
     args = train.build_parser().parse_args([f"@{path}", "--name", "run", "--img-size", "224"])
     assert args.img_size == 224 and args.num_steps == 10000
+
+
+def test_num_epochs_after_a_recipe_overrides_its_num_steps_and_the_later_one_counts() -> None:
+    path = REPO / "recipes" / "vit-b16-cifar10-google.args"  # sets --num_steps 10000
+    parser = train.build_parser()
+    args = parser.parse_args([f"@{path}", "--name", "run", "--num_epochs", "3"])
+    train.check_args(args)
+    assert (args.num_epochs, args.num_steps) == (3.0, None)  # steps follow from the epochs
+    args = parser.parse_args(["--name", "r", "--num-epochs", "3", "--num_steps", "700"])
+    train.check_args(args)
+    assert (args.num_epochs, args.num_steps) == (None, 700)
+    help_text = " ".join(parser.format_help().split())
+    assert "the one typed last counts" in help_text

@@ -122,6 +122,41 @@ def test_broken_files_raise_data_error_naming_the_file(
     assert "pwned" not in capsys.readouterr().out
 
 
+ROWS = np.zeros((4, 3072), np.uint8)
+MALFORMED = {  # what a file holds -> what the error says
+    "ragged": ("data_batch_3", {b"data": ROWS, b"labels": [1, [2, 3], 3, 4]}, "found a ragged"),
+    "labels_2d": ("data_batch_3", {b"data": ROWS, b"labels": np.ones((4, 1), int)}, "shape (4, 1)"),
+    "mixed_keys": ("data_batch_3", {1: 2, "x": 3}, "no 'data' entry (found 1, b'x')"),
+    "int_names": (SPEC.meta_file, {b"label_names": list(range(10))}, "name 0 is 0, not a"),
+    "none_names": (SPEC.meta_file, {b"label_names": [None] * 10}, "name 0 is None"),
+    "nested_names": (SPEC.meta_file, {b"label_names": [[b"cat"]] * 10}, "name 0 is [b'cat']"),
+    "not_utf8": (SPEC.meta_file, {b"label_names": [b"\xff"] * 10}, "b'\\xff', is not UTF-8"),
+    "blank_name": (SPEC.meta_file, {b"label_names": [b" "] * 10}, "name 0 is b' ', not a"),
+    "repeated": (SPEC.meta_file, {b"label_names": [b"cat"] * 10}, "but 'cat' repeat"),
+    "three_names": (SPEC.meta_file, {b"label_names": [b"cat"] * 3}, "'label_names', found 3"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_fields_are_one_line_naming_file_and_field(tmp_path: Path, case: str) -> None:
+    file, content, message = MALFORMED[case]
+    folder = write_cifar10(tmp_path)
+    write_pickle(folder / file, content)
+    with pytest.raises(DataError) as info:
+        load_cifar("cifar10", tmp_path, train=True)
+    assert str(folder / file) in str(info.value) and message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_batch_pickled_again_with_text_keys_loads(tmp_path: Path) -> None:
+    """Python 3 writes str keys where the official files (Python 2) have bytes."""
+    folder = write_cifar10(tmp_path)
+    with open(folder / "data_batch_2", "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    write_pickle(folder / "data_batch_2", {key.decode(): value for key, value in batch.items()})
+    assert load_cifar("cifar10", tmp_path, train=True).labels[4:8].tolist() == batch[b"labels"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Downloading
 

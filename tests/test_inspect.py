@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from models.configs import CONFIGS, apply_overrides
-from models.errors import UsageError
+from models.errors import UsageError, UserError
 from models.modeling import VisionTransformer
 from tests.helpers import confusion_matrix
 from tests.test_train import REPO, SMALL_CONFIG, run_cli
@@ -638,7 +638,7 @@ def test_class_names_come_from_the_checkpoint_or_the_data_set(
     with pytest.raises(UsageError, match="has 10 classes and no class names"):
         class_names(open_checkpoint(bare), "imagefolder")
     bare.with_suffix(".json").write_text("{not json")
-    with pytest.raises(UsageError, match=r"bare_checkpoint\.json is not valid JSON"):
+    with pytest.raises(UserError, match=r"bare_checkpoint\.json is not valid JSON"):
         open_checkpoint(bare)
 
 

@@ -153,9 +153,9 @@ def test_dropout_is_active_only_in_training() -> None:
 def test_overrides_are_type_checked_and_copy() -> None:
     base = CONFIGS["ViT-B_16"]
     config = apply_overrides(
-        base, ["hidden_size=128", "transformer.num_layers=4", "patches.size=4,4"]
+        base, ["hidden_size=192", "transformer.num_layers=4", "patches.size=4,4"]
     )
-    assert (config.hidden_size, config.transformer.num_layers) == (128, 4)
+    assert (config.hidden_size, config.transformer.num_layers) == (192, 4)
     assert config.patches.size == (4, 4) and base.hidden_size == 768
     assert apply_overrides(base, ["transformer.dropout_rate=0"]).transformer.dropout_rate == 0.0
     assert apply_overrides(base, ["representation_size=768"]).representation_size == 768

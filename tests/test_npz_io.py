@@ -145,6 +145,56 @@ def test_missing_keys_are_reported(tmp_path: Path) -> None:
         model.load_from(np.load(tmp_path / "part.npz"))
 
 
+DENSE = "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"  # (16, 32) in the testing model
+POSEMB = "Transformer/posembed_input/pos_embedding"
+
+
+def _spoil(array: np.ndarray, how: str) -> object:
+    if how == "nan":
+        return np.where(np.arange(array.size).reshape(array.shape) == 3, np.nan, array)
+    if how == "inf":
+        return np.full_like(array, -np.inf)
+    return {
+        "object": array.astype(object),
+        "strings": array.astype(str),
+        "complex": array.astype(np.complex64),
+        "integers": array.astype(np.int32),
+        "booleans": array > 0,
+        "0-d": np.array(1.0, np.float32),
+    }[how]
+
+
+@pytest.mark.parametrize(
+    ("key", "how", "message"),
+    [
+        (DENSE, "object", f"{DENSE} has dtype object, not floating point"),
+        (DENSE, "strings", f"{DENSE} has dtype <U"),
+        (DENSE, "complex", f"{DENSE} has dtype complex64, not floating point"),
+        (DENSE, "integers", f"{DENSE} has dtype int32, not floating point"),
+        (DENSE, "booleans", f"{DENSE} has dtype bool, not floating point"),
+        (DENSE, "nan", f"{DENSE} holds 1 NaN or infinite values"),
+        (POSEMB, "inf", f"{POSEMB} holds 272 NaN or infinite values"),
+        (POSEMB, "strings", f"{POSEMB} has dtype <U"),
+        ("embedding/kernel", "0-d", "embedding/kernel () != expected (4, 4, 3, 16)"),
+    ],
+)
+def test_a_malformed_array_is_one_line_naming_its_key(key: str, how: str, message: str) -> None:
+    model = VisionTransformer(CONFIGS["testing"], img_size=16, num_classes=3)
+    arrays = export_npz_weights(model)
+    arrays[key] = _spoil(arrays[key], how)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as error:
+        model.load_from(arrays)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "partial load"
+
+
+def test_checkpoint_keys_that_are_not_strings_are_one_error() -> None:
+    model = VisionTransformer(CONFIGS["testing"], img_size=16, num_classes=3)
+    with pytest.raises(CheckpointError, match="keys must be strings, found 7"):
+        model.load_from({7: np.zeros(3), **export_npz_weights(model)})
+
+
 def test_unreadable_files_give_one_clear_error(tmp_path: Path) -> None:
     model = VisionTransformer(CONFIGS["testing"], img_size=16, num_classes=3)
     model.export_npz(str(tmp_path / "good.npz"))

@@ -13,8 +13,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,46 @@ def test_a_stop_inside_the_first_step_says_nothing_was_trained(
     assert len(calls) == 2
     assert "nothing was trained yet, so nothing was saved" in capfd.readouterr().err
     assert not (tmp_path / "output" / "run_last.pt").exists()
+
+
+def test_two_ctrl_c_during_start_up_end_in_one_line_without_a_traceback(tmp_path: Path) -> None:
+    """The first SIGINT asks for a stop at the next micro-batch, the second stops at once: here
+    both come while the pre-trained checkpoint downloads from a server that never answers, and
+    the run ends with one line and exit code 130, the interrupted download leaving no file."""
+    from tests.helpers import write_cifar10
+
+    write_cifar10(tmp_path / "data")
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "no_proxy": "*",
+               "VIT_CHECKPOINT_MIRROR": f"http://127.0.0.1:{silent.getsockname()[1]}"}  # fmt: skip
+        for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+            env.pop(proxy, None)
+        run = subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), "--name", "x", *SMALL, "--device", "cpu",
+             "--dataset", "cifar10", "--data_dir", str(tmp_path / "data"), "--num_steps", "1000",
+             "--train_batch_size", "8", "--pretrained_dir", str(tmp_path / "ViT-B_16.npz"),
+             "--output_dir", str(tmp_path / "out"), "--logdir", str(tmp_path / "logs")],
+            cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            lines = []
+            for line in run.stderr:
+                lines.append(line)
+                if "downloading http://127.0.0.1" in line:
+                    break
+            else:
+                pytest.fail("train.py ended before the download: " + "".join(lines)[-3000:])
+            time.sleep(0.3)  # blocked reading the response
+            os.killpg(run.pid, signal.SIGINT)
+            time.sleep(0.3)
+            os.killpg(run.pid, signal.SIGINT)
+            out, err = run.communicate(timeout=30)
+        finally:
+            run.kill()
+    assert run.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("train.py: interrupted: a second Ctrl-C")
+    assert not list(tmp_path.glob("*ViT-B_16.npz*"))

@@ -32,9 +32,10 @@ def test_a_training_state_of_the_previous_version_reads_and_resumes(
     assert state.step == 2 and state.start is None and len(state.classes) == 10
     args = {**state.args, "num_steps": 4}
     assert state.refusal(args, 8) is None
-    assert "global batch of 8, not 16" in state.refusal(args, 16)
-    assert "--img_size 16, not 32" in state.refusal({**args, "img_size": 32}, 8)
+    assert "global batch 8 (now 16" in state.refusal(args, 16)
+    assert "--img_size 16 (now 32)" in state.refusal({**args, "img_size": 32}, 8)
     assert "nothing is left to train" in state.refusal({**args, "num_steps": 2}, 8)
+    assert "keeps its schedule" in state.refusal({**args, "num_steps": 1}, 8)
 
     (tmp_path / "out").mkdir()
     shutil.copy(OLD / "old_last.pt", tmp_path / "out" / "old_last.pt")

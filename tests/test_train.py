@@ -217,7 +217,7 @@ def test_schedules_follow_their_formulas(schedule: str) -> None:
         "linear": lambda k: (total - k) / (total - warmup),
     }[schedule]
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
-    scheduler = build_scheduler(optimizer, schedule, warmup, total)
+    scheduler = build_scheduler(optimizer, schedule, warmup, [total])
     seen = {}
     for k in range(1, total + 1):  # update k runs at the lr set before it
         seen[k] = optimizer.param_groups[0]["lr"]
@@ -250,15 +250,16 @@ BAD_INPUTS = [
     ),
     (["--name", "runs/a"], "not a plain file name"),
     (["--loss_scale", "128"], "add --fp16"),
-    (["--val_split", "0.00005"], "leaves a split empty"),
+    (["--val_split", "0.00005", "--pretrained_dir", "none"], "leaves a split empty"),
     (["--config", "transformer.layers=2"], "unknown key"),
     (["--config", "hidden_size=wide"], "expected a value of type int"),
     (["--config", "transformer.num_heads=3"], "num_heads 3"),
     (["--pretrained_dir", "nowhere/mine.npz"], "not the name of an official checkpoint"),
     (["--pretrained_dir", "nowhere/ViT-B_16.npz"], "storage.googleapis.com/vit_models/imagenet21k"),
-    (["--pretrained_dir", "nowhere/ViT-B_16.npz"], "save it as nowhere/ViT-B_16.npz"),
+    (["--pretrained_dir", "nowhere/ViT-B_16.npz"], "/nowhere/ViT-B_16.npz, or set"),
     (["--pretrained_dir", "nowhere/ViT-B_16.npz"], "or set VIT_CHECKPOINT_MIRROR"),
-    ([], "the default --pretrained_dir of --model_type testing, checkpoint/testing.npz,"),
+    ([], "the default --pretrained_dir of --model_type testing, /"),
+    ([], "/checkpoint/testing.npz, does not exist"),
     (["--resume", "nowhere/x_last.pt"], "no such file"),
     (["--fp16", "--precision", "bf16"], "contradicts"),
     (["--device", "gpu"], "--device gpu: not a device name"),
@@ -292,7 +293,7 @@ def test_bad_input_is_one_line_and_exit_2(
     code, err = run_train([*base, "--logdir", "logs", *args], capsys)
     lines = [line for line in err.splitlines() if "error" in line]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
-    assert not list(Path("out").glob("*.pt")), "nothing is trained"
+    assert not Path("out").exists() and not Path("logs").exists(), "a failed start leaves nothing"
 
 
 def test_a_bad_input_in_a_real_process_is_one_line(tmp_path: Path, subset: Path) -> None:
@@ -322,7 +323,7 @@ def test_data_and_checkpoint_problems_are_one_line(
         (["--data_dir", str(tmp_path / "empty")], "cs.toronto.edu"),
         (["--data_dir", str(corrupt)], "test_batch"),
         (["--pretrained_dir", str(tmp_path / "other.npz")], "does not fit the model"),
-        (["--output_dir", str(blocker / "out")], "cannot be written"),
+        (["--output_dir", str(blocker / "out")], "is a file, not a folder"),
     ]
     proxy = f"http://127.0.0.1:{closed_port()}"  # the CIFAR download goes nowhere else
     for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
@@ -432,7 +433,7 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_state(
         "--train_batch_size", "16", "--num_steps", "40", "--eval_every", "1", "--log_every", "1",
         "--warmup_steps", "0", "--max_grad_norm", "1e30", "--eval_batch_size", "256",
     ]  # fmt: skip
-    with pytest.raises(train.UsageError, match=r"the loss became (nan|inf) by step \d+; stopping"):
+    with pytest.raises(train.UsageError, match=r"the loss became (nan|inf) at step \d+; stopping"):
         train.main([*args, "--learning_rate", "1e12"])
     state = torch.load(tmp_path / "out" / "nan_last.pt", weights_only=True)
     assert 1 <= state["step"] < 40

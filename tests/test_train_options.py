@@ -158,7 +158,6 @@ def test_num_epochs_sets_the_steps(subset: Path, tmp_path: Path, capfd) -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--num_steps", "5", "--num_epochs", "1"], "--num_steps and --num_epochs both set"),
         (["--num_epochs", "0"], "--num_epochs must be positive"),
         (["--num_epochs", "0.001"], "is less than one global batch of 16; raise --num_epochs"),
         (["--num_epochs", "0.01", "--warmup_steps", "5"], "is not below the run's 3 steps"),

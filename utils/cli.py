@@ -11,7 +11,11 @@ repeatable flag (``--config``) adds to the file's values instead; for ``--config
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
+import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -80,6 +84,21 @@ class Parser(argparse.ArgumentParser):
         ):
             return underscored + sep + value
         return token
+
+
+class StoreOverriding(argparse.Action):
+    """``store``, and reset the ``overrides`` destinations to None: of flags that set one thing in
+    different units (``--num_steps``, ``--num_epochs``) the one typed last counts, as for any
+    flag, so one typed after an @FILE overrides the file's."""
+
+    def __init__(self, *args, overrides: tuple[str, ...] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.overrides = overrides
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        for dest in self.overrides:
+            setattr(namespace, dest, None)
 
 
 def without_comment(line: str) -> str:
@@ -151,14 +170,62 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 
+INTERRUPTED = 128 + signal.SIGINT  # the exit code a shell gives a Ctrl-C
+
+
 def run_main(main: Callable[[], int], prog: str) -> None:
-    """Call ``main``; turn user mistakes into one line on stderr and exit code 2."""
+    """Call ``main``; turn user mistakes into one line on stderr and exit code 2, and a Ctrl-C
+    into one line and exit code 130, never a traceback.
+
+    A Ctrl-C can also land in a finaliser (a DataLoader shutting its workers down), which
+    Python reports as "Exception ignored" and then goes on: that one is reported the same way.
+    Once the program stops because of a signal, a further Ctrl-C ends its exit at once.
+    """
+    interrupts: list[str] = []  # their texts: what the code that stopped knows of the files
+    previous_hook = sys.unraisablehook
+
+    def unraisable(info) -> None:
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            interrupts.append(str(info.exc_value))
+        else:
+            previous_hook(info)
+
+    sys.unraisablehook = unraisable
     try:
         code = main()
     except UserError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt as interrupt:
+        _exit_at_once_on_ctrl_c()
+        interrupts.append(str(interrupt))
+        code = INTERRUPTED
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         code = 0
+    finally:
+        sys.unraisablehook = previous_hook
+    if interrupts or (isinstance(code, int) and code > 128):
+        _exit_at_once_on_ctrl_c()
+    if interrupts:
+        _end_daemonic_children()
+        said = next((text for text in interrupts if text), "")
+        print(f"{prog}: interrupted" + (f": {said}" if said else ""), file=sys.stderr)
+        code = code if isinstance(code, int) and code > 128 else INTERRUPTED
     sys.exit(code)
+
+
+def _end_daemonic_children() -> None:
+    """Kill what a Ctrl-C may have left of a DataLoader whose shutdown it cut short: workers that
+    ignore SIGTERM (utils/training/signals.py), which multiprocessing's exit, terminating its
+    daemonic children and then waiting for them, would wait for forever."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
+
+
+def _exit_at_once_on_ctrl_c() -> None:
+    """The program only exits from here on: a further Ctrl-C ends it, with no traceback."""
+    with contextlib.suppress(ValueError):  # only the main thread sets signal handlers
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(INTERRUPTED))

@@ -6,11 +6,18 @@ would take it for a good one; checkpoints, exports and downloads all go through 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+# A write refused by the disk or the system: full, over quota, read-only, not allowed.
+WRITE_ERRNOS = frozenset(
+    (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG, errno.EIO)
+)
 
 
 def umask() -> int:
@@ -44,6 +51,44 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
             os.fsync(f.fileno())
         share_as_usual(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if (cause := _os_error(error)) is not None and cause.errno in WRITE_ERRNOS:
+            # torch.save reports a full disk as "unexpected pos 704 vs 598": say what, and where
+            raise OSError(cause.errno, cause.strerror, str(path)) from error
         raise
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError behind ``error`` (itself, or one it was raised from or during), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class FoldersMade:
+    """The folders that do not exist yet among ``paths`` (each the topmost one ``mkdir -p``
+    would make), so that a start that fails can remove what it made: only folders left empty,
+    never a file."""
+
+    def __init__(self, *paths: Path) -> None:
+        self.tops: list[Path] = []
+        for path in (Path(p).absolute() for p in paths):
+            top = None
+            while not path.exists() and path != path.parent:
+                top, path = path, path.parent
+            if top is not None and top not in self.tops:
+                self.tops.append(top)
+
+    def remove_empty(self) -> None:
+        for top in self.tops:
+            if not top.is_dir():
+                continue
+            for folder, _, _ in os.walk(top, topdown=False):
+                # one that is not empty holds something worth keeping (a download)
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)

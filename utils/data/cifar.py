@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import UserError, one_line
-from utils.data.download import DownloadError, download_file
+from utils.data.download import ChecksumError, DownloadError, download_file
 from utils.files import share_as_usual
 
 
@@ -140,7 +140,8 @@ class _NumpyUnpickler(pickle.Unpickler):
 
 
 def _unpickle(path: Path) -> dict:
-    """Read one CIFAR pickle into a dict with bytes keys."""
+    """Read one CIFAR pickle into a dict with bytes keys (``str`` keys, as a file pickled again by
+    Python 3 has them, are encoded)."""
     if not path.is_file():
         raise DataError(f"{path}: file is missing")
     try:
@@ -153,7 +154,21 @@ def _unpickle(path: Path) -> dict:
         ) from err
     if not isinstance(content, dict):
         raise DataError(f"{path}: expected a dict, found {type(content).__name__}")
-    return content
+    return {key.encode() if isinstance(key, str) else key: value for key, value in content.items()}
+
+
+def _as_labels(path: Path, labels: object) -> np.ndarray:
+    """A batch's labels as a 1-d integer array, or a DataError saying what they are instead."""
+    try:
+        array = np.asarray(labels)
+    except (ValueError, TypeError):  # ragged lists
+        raise DataError(f"{path}: labels must be a list of integers, found a ragged list") from None
+    if array.size == 0:
+        array = array.astype(np.int64)
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        found = f"{type(labels).__name__} of dtype {array.dtype} and shape {array.shape}"
+        raise DataError(f"{path}: labels must be a list of integers, found {found}")
+    return array
 
 
 def _read_batch(path: Path, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -161,18 +176,17 @@ def _read_batch(path: Path, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
     content = _unpickle(path)
     for key in (b"data", spec.label_key):
         if key not in content:
-            raise DataError(f"{path}: no {key.decode()!r} entry (found {sorted(content)})")
+            found = ", ".join(sorted(map(repr, content)))
+            raise DataError(f"{path}: no {key.decode()!r} entry (found {found})")
     data, labels = content[b"data"], content[spec.label_key]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
-        kind = data.dtype if isinstance(data, np.ndarray) else type(data).__name__
+        kind = type(data).__name__
+        if isinstance(data, np.ndarray | np.generic):
+            kind += f" of dtype {data.dtype}"
         raise DataError(f"{path}: 'data' must be a uint8 array, found {kind}")
     if data.ndim != 2 or data.shape[1] != math.prod(IMAGE_SHAPE):
         raise DataError(f"{path}: 'data' must have shape (N, 3072), found {data.shape}")
-    labels = np.asarray(labels)
-    if labels.size == 0:
-        labels = labels.astype(np.int64)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{path}: labels must be a list of integers, found {labels.dtype}")
+    labels = _as_labels(path, labels)
     if len(labels) != len(data):
         raise DataError(f"{path}: {len(labels)} labels for {len(data)} images")
     bad = (labels < 0) | (labels >= spec.num_classes)
@@ -189,11 +203,23 @@ def _read_classes(path: Path, spec: CifarSpec) -> list[str]:
     """Read the class names from the meta file."""
     content = _unpickle(path)
     names = content.get(spec.names_key)
+    where = f"{path}: expected {spec.num_classes} names under {spec.names_key.decode()!r}"
     if not isinstance(names, list | tuple) or len(names) != spec.num_classes:
-        raise DataError(
-            f"{path}: expected {spec.num_classes} names under {spec.names_key.decode()!r}"
-        )
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        found = f"{len(names)} names" if isinstance(names, list | tuple) else type(names).__name__
+        raise DataError(f"{where}, found {found}")
+    classes = []
+    for i, name in enumerate(names):
+        try:
+            text = name.decode() if isinstance(name, bytes) else name
+        except UnicodeDecodeError:
+            raise DataError(f"{where}; name {i}, {name!r}, is not UTF-8") from None
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}; name {i} is {name!r}, not a non-empty text")
+        classes.append(text)
+    if len(set(classes)) != len(classes):
+        twice = sorted({c for c in classes if classes.count(c) > 1})
+        raise DataError(f"{where}; each once, but {', '.join(map(repr, twice))} repeat")
+    return classes
 
 
 def load_cifar(name: str, root: str | Path, train: bool) -> CifarArrays:
@@ -267,9 +293,15 @@ def ensure_cifar(
     try:
         download_file(url, archive, md5=md5, desc=spec.title, timeout=timeout)
     except DownloadError as err:
+        fix = f"{by_hand}, or set {MIRROR_VARIABLE} to a mirror"
+        if isinstance(err, ChecksumError) and url != spec.url:
+            fix = (
+                f"if that mirror serves an archive of its own, set {MD5_VARIABLE} to its MD5 "
+                f"({err.actual} is what arrived); else {by_hand}"
+            )
         raise DataError(
-            f"{spec.title} not found in {folder} (expected {expected}) and the download from "
-            f"{url} failed ({err.reason}); {by_hand}, or set {MIRROR_VARIABLE} to a mirror"
+            f"{spec.title} not found in {folder.absolute()} (expected {expected}) and the "
+            f"download from {url} failed ({err.reason}); {fix}"
         ) from err
 
     tmp_dir = Path(tempfile.mkdtemp(dir=root, prefix=f".{spec.folder}.", suffix=".extract"))

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from utils.data.augment import CifarDataset
 from utils.data.cifar import CIFAR, DataError, load_cifar
-from utils.data.image_folder import ImageFolderDataset, scan_split
+from utils.data.image_folder import ImageFolderDataset, scan_split, unreadable_images
 from utils.data.sampling import KeyedSubset, split_indices
 
 DATASETS = (*CIFAR, "imagefolder")
@@ -30,6 +30,11 @@ class RunData:
     test: Dataset | None  # scored once at the end, when ``select`` is a validation split
     classes: list[str]
     select_name: str  # "val" or "test": the selection scores' name in the log and TensorBoard
+
+    def unreadable_images(self) -> list[Path]:
+        """The image files skipped so far, each named in a warning when it was: at the scan of
+        an image folder, or when first read here or in a DataLoader worker (none for CIFAR)."""
+        return unreadable_images(self.train, self.select, self.test)
 
 
 def load_test_set(
@@ -60,6 +65,8 @@ def load_validation_set(
     else:
         plain = CifarDataset(load_cifar(name, root, train=True), img_size, False)
     _, val_idx = held_out(len(plain), val_split, seed)
+    if isinstance(plain, ImageFolderDataset):
+        plain.stand_ins_within(val_idx)  # as in training
     return KeyedSubset(plain, val_idx)
 
 
@@ -86,6 +93,9 @@ def build_datasets(
     test = load_test_set(name, root, img_size, classes, optional=True)
     if val_split > 0:
         train_idx, val_idx = held_out(len(train), val_split, seed)
+        if isinstance(train, ImageFolderDataset):  # an unreadable file's stand-in: its own side
+            train.stand_ins_within(train_idx)
+            plain.stand_ins_within(val_idx)
         select = KeyedSubset(plain, val_idx)
         return RunData(KeyedSubset(train, train_idx), select, test, classes, "val")
     if test is None:

@@ -1,8 +1,8 @@
 """Images given on a command line, read and transformed exactly as training's evaluation does.
 
 ``load_image`` and ``collect_images`` read files and folders (one-line errors for what Pillow
-cannot open); ``preprocess`` makes the tensor of the test transform: bilinear antialiased resize
-in float32, then [-1, 1].
+cannot decode, whole, or ``to_rgb`` cannot convert); ``preprocess`` makes the tensor of the test
+transform: bilinear antialiased resize in float32, then [-1, 1].
 """
 
 from __future__ import annotations
@@ -16,21 +16,23 @@ from PIL import Image
 
 from models.errors import UsageError, one_line
 from utils.data.augment import normalize, resize
+from utils.data.image_folder import to_rgb
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """An image file as RGB; UsageError if it cannot be read.
+    """An image file as 8-bit RGB; UsageError if it cannot be read or converted.
 
-    Like training's image folders, the pixels are taken as stored (no EXIF rotation), so that a
-    file scores here exactly as it does in evaluation.
+    Converted as training's image folders convert it (``utils.data.image_folder.to_rgb``: 16-bit
+    scaled, transparency over white, pixels as stored, no EXIF rotation), so that a file scores
+    here exactly as it does in evaluation.
     """
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"image {path}: no such file")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")  # decodes the whole file
-    except Exception as error:  # UnidentifiedImageError, truncated data, decompression bomb...
+            return to_rgb(image)  # decodes the whole file
+    except Exception as error:  # UnidentifiedImageError, truncated data, a refused mode...
         raise UsageError(
             f"image {path} cannot be read ({one_line(error)}); pass a file Pillow can open "
             "(PNG, JPEG, BMP, WebP...)"
@@ -65,5 +67,5 @@ def preprocess(image: Image.Image, img_size: int) -> torch.Tensor:
     Any size or aspect is resized (not cropped) to the square input, bilinear with antialiasing,
     in float32 on 0..255 values, then normalised with the training mean and std.
     """
-    pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.array(to_rgb(image), dtype=np.uint8)).permute(2, 0, 1)
     return normalize(resize(pixels.float(), img_size))  # (3, H, W), 0..255 before normalising

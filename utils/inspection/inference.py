@@ -26,7 +26,7 @@ import torch
 
 from models.checkpoint import load_resized
 from models.configs import CONFIGS, ConfigOverrideError, apply_overrides
-from models.errors import UsageError, one_line
+from models.errors import UsageError
 from models.modeling import VisionTransformer, uncovered_pixels
 from models.npz_io import CheckpointError, describe_keys
 from utils.data.class_names import CLASS_NAMES
@@ -117,10 +117,6 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise UsageError(
             f"--checkpoint {path} is not a readable PyTorch checkpoint (truncated or not from "
             "torch.save); pass the <name>_checkpoint.bin or <name>_last.pt that train.py wrote"
-        ) from None
-    except (ValueError, UnicodeDecodeError) as error:  # the .json beside a .bin
-        raise UsageError(
-            f"{path.with_suffix('.json')} is not valid JSON ({one_line(error)}); fix or delete it"
         ) from None
     return Checkpoint(path, dict(state_dict), meta if isinstance(meta, dict) else {})
 

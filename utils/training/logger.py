@@ -103,6 +103,15 @@ class Reporter:
             self.writer.close()
 
 
+def remove_events(folder: Path) -> list[Path]:
+    """Delete the TensorBoard event files under ``folder`` (a run's log folder), nothing else;
+    the paths deleted."""
+    found = sorted(folder.rglob("events.out.tfevents.*")) if folder.is_dir() else []
+    for path in found:
+        path.unlink()
+    return found
+
+
 class Meter:
     """Per-step loss, gradient norm and lr, kept on the device and read once every log step."""
 
@@ -110,6 +119,7 @@ class Meter:
         self.global_batch, self.world_size = global_batch, world_size
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
         self.skipped = 0  # fp16 steps whose gradients were inf/NaN
+        self.nonfinite: tuple[int, float] | None = None  # the first (step, loss) not finite
         self.train_time, self.images = 0.0, 0
         self.start = self.tick = time.perf_counter()
 
@@ -142,6 +152,8 @@ class Meter:
         for (step, _, _, lr), (loss, norm) in zip(self.pending, values, strict=True):
             reporter.scalars({"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}, step)
             self.skipped += not math.isfinite(norm)
+            if not math.isfinite(loss) and self.nonfinite is None:
+                self.nonfinite = (step, loss)
         step, lr = self.pending[-1][0], self.pending[-1][3]
         reporter.scalars({"train/images_per_second": speed}, step)
         reporter.progress(step, values[-1][0], lr, speed)

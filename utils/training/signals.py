@@ -12,10 +12,16 @@ so that none can arrive before they ignore it.
 from __future__ import annotations
 
 import signal
+import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SECOND_CTRL_C = (
+    "a second Ctrl-C stopped the run at once, saving nothing more; files saved before are "
+    "intact (saves are atomic), and --resume auto continues from the last saved state, if any"
+)
 
 
 class StopRequest:
@@ -32,7 +38,7 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt(SECOND_CTRL_C)  # stops at once; run_main prints it
         self.signum = signum
 
 
@@ -52,3 +58,19 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # pending copies are now discarded
+    threading.excepthook = _quiet_hang_up(threading.excepthook)
+
+
+def _quiet_hang_up(previous):
+    """A worker's ``threading.excepthook``: the thread that hands a batch's shared memory to the
+    main process (multiprocessing's resource sharer) has the connection reset when a second
+    Ctrl-C stops the main process mid-handover. That is the stop, not an error to print a
+    traceback for; any other exception of a thread goes to ``previous``."""
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        frames = traceback.extract_tb(args.exc_traceback)
+        sharer = bool(frames) and frames[0].filename.endswith("resource_sharer.py")
+        if not (sharer and issubclass(args.exc_type, ConnectionError)):
+            previous(args)
+
+    return hook
