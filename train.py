@@ -300,16 +300,7 @@ def check_inputs(args: argparse.Namespace, files: RunFiles) -> None:
     problems = []
     weights, _ = starting_point(args)
     if weights is not None and not weights.exists() and official_url(weights.name) is None:
-        given = (
-            f"--pretrained_dir {weights.absolute()}"
-            if args.pretrained_dir
-            else f"the default --pretrained_dir of --model_type {args.model_type}, "
-            f"{weights.absolute()},"
-        )
-        problems.append(
-            f"{given} does not exist and is not the name of an official checkpoint (e.g. "
-            "ViT-B_16.npz); pass an existing file, or --pretrained_dir none for random weights"
-        )
+        problems.append(missing_checkpoint(weights, args))
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         problems.append(
             f"--resume {Path(args.resume).absolute()}: no such file (use 'auto' to resume "
@@ -339,6 +330,19 @@ def starting_point(args: argparse.Namespace) -> tuple[Path | None, str]:
     return path, f"fine-tuning from {path} ({kind})"
 
 
+def missing_checkpoint(path: Path, args: argparse.Namespace) -> str:
+    """The words for a ``--pretrained_dir`` (given, or the default) that is not there."""
+    given = (
+        f"--pretrained_dir {path.absolute()}"
+        if args.pretrained_dir
+        else f"the default --pretrained_dir of --model_type {args.model_type}, {path.absolute()},"
+    )
+    return (
+        f"{given} does not exist and is not the name of an official checkpoint (e.g. "
+        "ViT-B_16.npz); pass an existing file, or --pretrained_dir none for random weights"
+    )
+
+
 def fetch_pretrained(path: Path, args: argparse.Namespace) -> Path:
     """The checkpoint at ``path``, downloaded from Google's bucket first when it is official; an
     official file there or arriving that is not a readable .npz is refused, the download kept
@@ -353,15 +357,7 @@ def fetch_pretrained(path: Path, args: argparse.Namespace) -> Path:
             )
         return path
     if url is None:
-        given = (
-            f"--pretrained_dir {path}"
-            if args.pretrained_dir
-            else f"the default --pretrained_dir of --model_type {args.model_type}, {path},"
-        )
-        raise UsageError(
-            f"{given} does not exist and is not the name of an official checkpoint (e.g. "
-            "ViT-B_16.npz); pass an existing file, or --pretrained_dir none for random weights"
-        )
+        raise UsageError(missing_checkpoint(path, args))
     log.info("downloading %s to %s", url, path)
     try:
         return download_file(url, path, desc=path.name, verify=check_downloaded_npz)

@@ -207,12 +207,9 @@ def _representation_size(value: object) -> str | None:
 
 
 def _stages(value: object) -> str | None:
-    ok = all(_is_int(units) and units >= 1 for units in value)
-    return (
-        None
-        if ok
-        else "must be positive unit counts, one per stage (resnet.num_layers= for the stem alone)"
-    )
+    if all(_is_int(units) and units >= 1 for units in value):
+        return None
+    return "must be positive unit counts, one per stage (resnet.num_layers= for the stem alone)"
 
 
 # What each field of a config may hold; check_config asks every field, so a field added to the

@@ -314,13 +314,12 @@ def test_a_resume_that_would_shorten_the_schedule_is_refused(tmp_path: Path, sub
 # 7. Damaged files: one line each
 
 
-def damaged(tmp_path: Path, subset: Path, change) -> str:
-    assert run(tmp_path, subset, "d") == 0
-    last = tmp_path / "out" / "d_last.pt"
-    saved = torch.load(last, weights_only=True)
-    change(saved)
-    torch.save(saved, last)
-    return refusal(tmp_path, subset, "d", "--resume", "auto", "--num_steps", "4")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, subset: Path) -> Path:
+    """The files of one finished 2-step run, shared by the tests that damage a copy."""
+    folder = tmp_path_factory.mktemp("trained")
+    assert run(folder, subset, "d") == 0
+    return folder / "out"
 
 
 @pytest.mark.parametrize(
@@ -332,12 +331,20 @@ def damaged(tmp_path: Path, subset: Path, change) -> str:
         (lambda s: s.update(classes=[]), "'classes' field is malformed"),
         (lambda s: s.update(best_step=9), "best step 9 is after its step 2"),
         (lambda s: s["scheduler"].update(last_epoch=1), "schedule is not at its step"),
+        (lambda s: s.update(schedule=[4, 2]), "'schedule' field is malformed"),
         (lambda s: s.update(model={"x": torch.zeros(1)}), "does not fit the model"),
         (lambda s: s["model"][next(iter(s["model"]))].fill_(math.nan), "non-finite weights"),
     ],
 )
-def test_a_damaged_training_state_is_one_line(tmp_path: Path, subset: Path, change, words):
-    assert words in damaged(tmp_path, subset, change)
+def test_a_damaged_training_state_is_one_line(
+    tmp_path: Path, subset: Path, trained: Path, change, words: str
+) -> None:
+    shutil.copytree(trained, tmp_path / "out")
+    last = tmp_path / "out" / "d_last.pt"
+    saved = torch.load(last, weights_only=True)
+    change(saved)
+    torch.save(saved, last)
+    assert words in refusal(tmp_path, subset, "d", "--resume", "auto", "--num_steps", "4")
 
 
 def test_damaged_best_checkpoints_are_one_line(tmp_path: Path) -> None:

@@ -245,3 +245,29 @@ def test_two_ctrl_c_during_start_up_end_in_one_line_without_a_traceback(tmp_path
     assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("train.py: interrupted: a second Ctrl-C")
     assert not list(tmp_path.glob("*ViT-B_16.npz*"))
+
+
+def test_a_workers_resource_sharer_hung_up_on_prints_no_traceback() -> None:
+    """A second Ctrl-C can stop the main process while a worker hands it a batch's shared memory;
+    the worker's sharing thread then has its connection reset, which is no error to report."""
+    import threading
+
+    from utils.training.signals import _quiet_hang_up
+
+    def thread_failure(filename: str, error: type[BaseException]) -> threading.ExceptHookArgs:
+        namespace: dict = {}
+        exec(compile("def serve(e):\n    raise e\n", filename, "exec"), namespace)
+        try:
+            namespace["serve"](error())
+        except error as raised:
+            return threading.ExceptHookArgs((error, raised, raised.__traceback__, None))
+
+    reported = []
+    hook = _quiet_hang_up(reported.append)
+    sharer = "/usr/lib/python3/multiprocessing/resource_sharer.py"
+    hook(thread_failure(sharer, ConnectionResetError))
+    hook(thread_failure(sharer, BrokenPipeError))
+    assert reported == []
+    hook(thread_failure(sharer, ValueError))
+    hook(thread_failure("/work/elsewhere.py", ConnectionResetError))
+    assert [args.exc_type for args in reported] == [ValueError, ConnectionResetError]

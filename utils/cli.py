@@ -219,10 +219,13 @@ def _end_daemonic_children() -> None:
     """Kill what a Ctrl-C may have left of a DataLoader whose shutdown it cut short: workers that
     ignore SIGTERM (utils/training/signals.py), which multiprocessing's exit, terminating its
     daemonic children and then waiting for them, would wait for forever."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join(timeout=5)
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children:
+        with contextlib.suppress(ValueError):  # PyTorch's handler would call their end an error
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+        child.join(timeout=5)
 
 
 def _exit_at_once_on_ctrl_c() -> None:

@@ -69,7 +69,7 @@ def _quiet_hang_up(previous):
 
     def hook(args: threading.ExceptHookArgs) -> None:
         frames = traceback.extract_tb(args.exc_traceback)
-        sharer = bool(frames) and frames[0].filename.endswith("resource_sharer.py")
+        sharer = any(frame.filename.endswith("resource_sharer.py") for frame in frames)
         if not (sharer and issubclass(args.exc_type, ConnectionError)):
             previous(args)
 
