@@ -27,9 +27,27 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from models.checkpoint import load_resized
 from models.configs import apply_overrides
 from models.errors import UsageError, one_line
-from models.modeling import CONFIGS, VisionTransformer, uncovered_pixels
+from models.families import make_model, resolution_problem
+from models.modeling import CONFIGS
 from models.npz_io import check_downloaded_npz, npz_problem, read_npz
-from models.pretrained import BUCKET, MIRROR_VARIABLE, default_filename, describe, official_url
+from models.pretrained import (
+    AUGREG_INDEX,
+    AUGREG_INDEX_PATH,
+    AUGREG_PREFIX,
+    BUCKET,
+    GCS,
+    GCS_MIRROR_VARIABLE,
+    MIRROR_VARIABLE,
+    MIXER_I21K,
+    bucket_file,
+    check_augreg_index,
+    choose_augreg,
+    default_filename,
+    default_source,
+    describe,
+    load_augreg_index,
+    official_url,
+)
 from utils.cli import Parser, StoreOverriding, add_data_on_device_arg, add_model_args, run_main
 from utils.data.cifar import CIFAR, ensure_cifar
 from utils.data.datasets import DATASETS, RunData, build_datasets
@@ -90,9 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pretrained_dir",
         default=None,
-        help="Google .npz checkpoint to start from, downloaded when missing and official; "
-        "'none' to start from random weights (default: checkpoint/ + the model type's official "
-        "ImageNet-21k file, e.g. checkpoint/ViT-B_16.npz)",
+        help="Google .npz checkpoint to start from, downloaded when missing and official: a "
+        "path, any gs://<bucket>/<path>.npz of Google's buckets (to checkpoint/<bucket>/<path>), "
+        "or augreg:<NAME> (the AugReg file Google's loader picks from index.csv, e.g. "
+        "augreg:B_16); 'none' to start from random weights (default: the model type's ImageNet-21k "
+        "file, e.g. checkpoint/ViT-B_16.npz, or for Mixer-B_16 and Mixer-L_16 "
+        "gs://mixer_models/imagenet21k/<type>.npz)",
     )
     p.add_argument("--output_dir", default="output", help="checkpoints (default: output)")
     p.add_argument("--data_dir", default="data", help="data sets, downloaded (default: data)")
@@ -257,7 +278,7 @@ def check_args(args: argparse.Namespace) -> None:
             "and a folder in --logdir (pick those folders with those flags)"
         )
     config = apply_overrides(CONFIGS[args.model_type], args.config)  # a typo fails now
-    if problem := uncovered_pixels(config, args.img_size):
+    if problem := resolution_problem(config, args.img_size):
         raise UsageError(problem)
     if args.overwrite and args.resume is not None:
         raise UsageError("--overwrite starts afresh and --resume continues; pass one of them")
@@ -299,7 +320,16 @@ def check_inputs(args: argparse.Namespace, files: RunFiles) -> None:
     estimate, download) runs."""
     problems = []
     weights, _ = starting_point(args)
-    if weights is not None and not weights.exists() and official_url(weights.name) is None:
+    remote = bucket_file(args.pretrained_dir) is not None  # gs:// or augreg:, downloaded
+    if args.pretrained_dir and args.pretrained_dir.startswith(AUGREG_PREFIX):
+        model = args.pretrained_dir.removeprefix(AUGREG_PREFIX)
+        log.info("%s", choose_augreg(load_augreg_index(), model).summary())
+    if (
+        weights is not None
+        and not weights.exists()
+        and official_url(weights.name) is None
+        and not remote
+    ):
         problems.append(missing_checkpoint(weights, args))
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         problems.append(
@@ -319,6 +349,20 @@ def starting_point(args: argparse.Namespace) -> tuple[Path | None, str]:
     """The weights a run starts from (None: random), and the words every report uses for them."""
     if args.pretrained_dir is not None and args.pretrained_dir.lower() == "none":
         return None, "training from random weights (--pretrained_dir none)"
+    spec = args.pretrained_dir or default_source(args.model_type)
+    if spec is not None and spec.startswith(AUGREG_PREFIX) and not AUGREG_INDEX_PATH.exists():
+        url = AUGREG_INDEX.url()
+        log.info("downloading %s to %s", url, AUGREG_INDEX_PATH)
+        try:
+            download_file(url, AUGREG_INDEX_PATH, verify=check_augreg_index)
+        except DownloadError as error:
+            raise UsageError(
+                f"{error}, or set {GCS_MIRROR_VARIABLE} to a mirror of {GCS} "
+                "(<mirror>/vit_models/augreg/index.csv)"
+            ) from None
+    if (remote := bucket_file(spec)) is not None:  # gs://<bucket>/<path>.npz or augreg:<NAME>
+        chosen = f", chosen for {spec}" if spec.startswith(AUGREG_PREFIX) else ""
+        return remote.local, f"fine-tuning from {remote.local} ({remote.describe()}{chosen})"
     if args.pretrained_dir is None:
         path = Path("checkpoint") / default_filename(args.model_type)
     else:
@@ -337,6 +381,13 @@ def missing_checkpoint(path: Path, args: argparse.Namespace) -> str:
         if args.pretrained_dir
         else f"the default --pretrained_dir of --model_type {args.model_type}, {path.absolute()},"
     )
+    if args.pretrained_dir is None and args.model_type.startswith("Mixer-"):
+        return (
+            f"{given} does not exist, and Google published no ImageNet-21k file of "
+            f"{args.model_type} (only of {' and '.join(MIXER_I21K)}): pass a file of its bucket, "
+            f"e.g. --pretrained_dir gs://mixer_models/gsam/{args.model_type}.npz, or "
+            "--pretrained_dir none for random weights"
+        )
     return (
         f"{given} does not exist and is not the name of an official checkpoint (e.g. "
         "ViT-B_16.npz); pass an existing file, or --pretrained_dir none for random weights"
@@ -347,7 +398,8 @@ def fetch_pretrained(path: Path, args: argparse.Namespace) -> Path:
     """The checkpoint at ``path``, downloaded from Google's bucket first when it is official; an
     official file there or arriving that is not a readable .npz is refused, the download kept
     only when complete."""
-    url = official_url(path.name)
+    remote = bucket_file(args.pretrained_dir)  # gs:// or augreg:, whatever its file name
+    url = remote.url() if remote is not None else official_url(path.name)
     if path.exists():
         if url is not None and (problem := npz_problem(path)):
             where = path.absolute()
@@ -362,6 +414,11 @@ def fetch_pretrained(path: Path, args: argparse.Namespace) -> Path:
     try:
         return download_file(url, path, desc=path.name, verify=check_downloaded_npz)
     except DownloadError as error:
+        if remote is not None:
+            raise UsageError(
+                f"{error}, or set {GCS_MIRROR_VARIABLE} to a mirror of {GCS} "
+                f"(<mirror>/{remote.bucket}/{remote.path})"
+            ) from None
         raise UsageError(
             f"{error}, or set {MIRROR_VARIABLE} to a mirror of {BUCKET} (the same layout)"
         ) from None
@@ -373,7 +430,7 @@ def check_memory(
     ctx: dist.Context,
     precision: Precision,
     auto: bool = False,
-    model: VisionTransformer | None = None,
+    model: torch.nn.Module | None = None,
 ) -> str:
     """The advice an out-of-memory error in a step will give. Refuse the step now only where no
     trial step can say (off CUDA, where running out of memory kills the process) and only when
@@ -409,7 +466,7 @@ def check_memory(
     return advice
 
 
-def switches_that_fit(model: VisionTransformer, args, ctx: dist.Context, precision: Precision,
+def switches_that_fit(model: torch.nn.Module, args, ctx: dist.Context, precision: Precision,
                       available: int) -> list[str]:  # fmt: skip
     """Where no micro-batch fits: ``--grad_checkpointing`` and/or ``--precision bf16``, each
     with the micro-batches it needs, measured as the run's own step was; only those that fit."""
@@ -474,10 +531,10 @@ def choose_accumulation(
     return n
 
 
-def build_model(args: argparse.Namespace, num_classes: int) -> VisionTransformer:
+def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     config = apply_overrides(CONFIGS[args.model_type], args.config)
     try:
-        model = VisionTransformer(config, args.img_size, zero_head=True, num_classes=num_classes)
+        model = make_model(config, args.img_size, num_classes, zero_head=True)
     except ValueError as error:
         raise UsageError(f"cannot build {args.model_type}: {error}") from None
     model.set_grad_checkpointing(args.grad_checkpointing)  # before torch.compile sees it
@@ -647,7 +704,7 @@ def log_setup(args, ctx: dist.Context, data: RunData, global_batch: int, precisi
 class Run:
     """What the loop advances and a training state restores."""
 
-    model: VisionTransformer  # the bare model; ``stepper`` is it compiled and/or under DDP
+    model: torch.nn.Module  # a ViT or a Mixer; ``stepper`` is it compiled and/or under DDP
     stepper: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler

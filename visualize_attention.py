@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from models.configs import is_mixer
 from models.errors import UsageError
 from utils.cli import Parser, add_checkpoint_args, add_model_args, run_main
 from utils.inspection.figures import attention_figure, attention_title, figure_grid, save_png
@@ -160,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     destinations = plan_output(args, listed)
     loaded = load_from_args(args, vis=True)
+    if is_mixer(loaded.model.config):
+        raise UsageError(
+            f"--checkpoint {loaded.checkpoint.path} is an MLP-Mixer ({loaded.flags.model_type}): "
+            "it mixes tokens with MLPs and has no attention to draw"
+        )
     if args.label is not None and args.label not in loaded.classes:
         shown = ", ".join(loaded.classes[:10]) + (", ..." if len(loaded.classes) > 10 else "")
         raise UsageError(f"--label {args.label} is not a class of the checkpoint ({shown})")

@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.configs import apply_overrides
+from models.configs import apply_overrides, is_mixer
 from models.errors import UsageError
-from models.modeling import CONFIGS, VisionTransformer
+from models.families import make_model
+from models.modeling import CONFIGS
 from utils.cli import Parser, run_main
 from utils.data.augment import CifarDataset, draw_boxes
 from utils.data.cifar import CifarArrays
@@ -62,6 +63,11 @@ TIMM_NAMES = {
     "ViT-L_16": "vit_large_patch16_224",
     "ViT-L_32": "vit_large_patch32_224",
     "ViT-H_14": "vit_huge_patch14_224",
+    "Mixer-S_32": "mixer_s32_224",
+    "Mixer-S_16": "mixer_s16_224",
+    "Mixer-B_32": "mixer_b32_224",
+    "Mixer-B_16": "mixer_b16_224",
+    "Mixer-L_16": "mixer_l16_224",
 }
 TORCHVISION_NAMES = {
     f"ViT-{k}": f"vit_{k.lower()}" for k in ("B_16", "B_32", "L_16", "L_32", "H_14")
@@ -191,10 +197,13 @@ def build_peers(args: argparse.Namespace, device: torch.device) -> list[Peer]:
     import torchvision
 
     num_classes, size, wanted = 10, args.img_size, args.peers
-    ours_config = apply_overrides(CONFIGS[args.model_type], NO_DROPOUT)
+    mixer = is_mixer(CONFIGS[args.model_type])  # no dropout; only timm has one to compare
+    ours_config = apply_overrides(CONFIGS[args.model_type], [] if mixer else NO_DROPOUT)
+    if mixer:
+        wanted = [p for p in wanted if p in ("ours", "timm")]
 
-    def ours(config) -> VisionTransformer:
-        model = VisionTransformer(config, size, num_classes, zero_head=True)
+    def ours(config) -> nn.Module:
+        model = make_model(config, size, num_classes, zero_head=True)
         model.set_grad_checkpointing(args.grad_checkpointing)
         return model
 
@@ -542,8 +551,9 @@ def memory_table(args: argparse.Namespace, setup: Setup) -> dict:
     print(f"{'model':<10}{'img':>5}" + "".join(f"{f'{c} GB':>9}" for c in capacities))
     table = {}
     for model_type, img_size in args.memory_rows:
-        config = apply_overrides(CONFIGS[model_type], NO_DROPOUT)
-        model = VisionTransformer(config, img_size, 10, zero_head=True).to(setup.device)
+        base = CONFIGS[model_type]
+        config = apply_overrides(base, [] if is_mixer(base) else NO_DROPOUT)
+        model = make_model(config, img_size, 10, zero_head=True).to(setup.device)
         model.set_grad_checkpointing(args.grad_checkpointing)
         if measured:
             row = []

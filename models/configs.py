@@ -1,9 +1,11 @@
-"""Model configurations: the ViT variants of the paper as plain, locked data.
+"""Model configurations: the ViT and MLP-Mixer variants of the papers as plain, locked data.
 
-Sizes follow Dosovitskiy et al. 2021, table 1 (Ti and S from Steiner et al. 2021, "How to train your
-ViT"). Every config is an ``ml_collections.ConfigDict`` so that code written for the reference
-implementation (``CONFIGS["ViT-B_16"].hidden_size``) keeps working; ``apply_overrides`` changes a
-copy from ``KEY=VALUE`` strings and refuses keys that do not exist, values of the wrong type, and
+ViT sizes follow Dosovitskiy et al. 2021, table 1 (Ti and S from Steiner et al. 2021, "How to train
+your ViT"); Mixer sizes Tolstikhin et al. 2021, table 1, with the field names of Google's Mixer
+configs (``hidden_dim``, ``num_blocks``, ``tokens_mlp_dim``, ``channels_mlp_dim``). Every config
+is an ``ml_collections.ConfigDict`` so that code written for the reference implementation
+(``CONFIGS["ViT-B_16"].hidden_size``) keeps working; ``apply_overrides`` changes a copy from
+``KEY=VALUE`` strings and refuses keys that do not exist, values of the wrong type, and
 (``check_config``) values that build no model.
 """
 
@@ -17,6 +19,10 @@ from typing import Any
 import ml_collections
 
 from models.errors import UserError
+
+# GELU as the MLPs compute it: "exact" (erf; the reference's and timm's) or "tanh" (the
+# approximation that Flax's nn.gelu computes by default, so Google's own); see docs/models.md.
+GELU_KINDS = ("exact", "tanh")
 
 # name: (hidden_size, mlp_dim, num_heads, num_layers)
 _WIDTHS = {
@@ -42,6 +48,7 @@ def _vit(width: str, patch: int) -> ml_collections.ConfigDict:
     config.classifier = "token"
     # Set to an int to keep the tanh pre-logits layer that ImageNet-21k pre-training uses.
     config.representation_size = ml_collections.FieldReference(None, field_type=int)
+    config.gelu = "exact"
     return config
 
 
@@ -120,6 +127,35 @@ def get_r50_l32_config() -> ml_collections.ConfigDict:
     return _hybrid("L", (3, 4, 6, 3))
 
 
+# Mixer name: (hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim), the paper's table 1.
+_MIXER_WIDTHS = {
+    "S": (512, 8, 256, 2048),
+    "B": (768, 12, 384, 3072),
+    "L": (1024, 24, 512, 4096),
+}
+
+
+def _mixer(width: str, patch: int) -> ml_collections.ConfigDict:
+    """An MLP-Mixer: no class token, no position embedding, no dropout (as Google's)."""
+    hidden, blocks, tokens_mlp, channels_mlp = _MIXER_WIDTHS[width]
+    config = ml_collections.ConfigDict()
+    config.patches = ml_collections.ConfigDict({"size": (patch, patch)})
+    config.hidden_dim = hidden
+    config.num_blocks = blocks
+    config.tokens_mlp_dim = tokens_mlp
+    config.channels_mlp_dim = channels_mlp
+    # The token-mixing weights have one row per patch, so they fix the image size: 224 px, the
+    # pre-training resolution of Google's checkpoints (see models.families.resolution_problem).
+    config.img_size = 224
+    config.gelu = "exact"
+    return config
+
+
+def is_mixer(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config`` describes an MLP-Mixer (else a ViT, possibly hybrid)."""
+    return "tokens_mlp_dim" in config
+
+
 CONFIGS: dict[str, ml_collections.ConfigDict] = {
     "ViT-Ti_16": get_ti16_config(),
     "ViT-S_16": get_s16_config(),
@@ -136,6 +172,11 @@ CONFIGS: dict[str, ml_collections.ConfigDict] = {
     "R26+ViT-B_32": get_r26_b32_config(),
     "R50+ViT-L_32": get_r50_l32_config(),
     "testing": get_testing(),
+    "Mixer-S_32": _mixer("S", 32),
+    "Mixer-S_16": _mixer("S", 16),
+    "Mixer-B_32": _mixer("B", 32),
+    "Mixer-B_16": _mixer("B", 16),
+    "Mixer-L_16": _mixer("L", 16),
 }
 for _config in CONFIGS.values():
     _config.lock()
@@ -206,6 +247,10 @@ def _representation_size(value: object) -> str | None:
     return "must be a positive integer, or none for no pre-logits layer"
 
 
+def _gelu(value: object) -> str | None:
+    return None if value in GELU_KINDS else "must be one of: " + ", ".join(GELU_KINDS)
+
+
 def _stages(value: object) -> str | None:
     if all(_is_int(units) and units >= 1 for units in value):
         return None
@@ -226,6 +271,12 @@ _RULES: dict[str, Callable[[object], str | None]] = {
     "representation_size": _representation_size,
     "resnet.num_layers": _stages,
     "resnet.width_factor": _positive,
+    "gelu": _gelu,
+    "hidden_dim": _positive,
+    "num_blocks": _positive,
+    "tokens_mlp_dim": _positive,
+    "channels_mlp_dim": _positive,
+    "img_size": _positive,
 }
 
 
@@ -239,6 +290,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if problem := _RULES[key](value):
             shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
             raise ConfigOverrideError(f"--config {key}={shown}: {problem}")
+    if is_mixer(config):
+        size, patch = fields["img_size"], fields["patches.size"][0]
+        if size % patch:
+            raise ConfigOverrideError(
+                f"--config: img_size {size} is not a multiple of the {patch}-pixel patch"
+            )
+        return
     hidden, heads = fields["hidden_size"], fields["transformer.num_heads"]
     if hidden % heads:
         divisors = [n for n in range(1, min(hidden, 64) + 1) if hidden % n == 0]

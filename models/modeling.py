@@ -10,9 +10,9 @@ keeps working::
     loss = model(images, labels)
 
 The numerics are Google's (``vit_jax/models_vit.py``): dropout after attention uses
-``dropout_rate``, position embeddings start from a normal of std 0.02, LayerNorm eps 1e-6,
-exact GELU. One file for the whole model (about 310 lines), as nanoGPT keeps its: the classes
-read in the paper's order.
+``dropout_rate``, position embeddings start from a normal of std 0.02, LayerNorm eps 1e-6;
+GELU is exact unless the config's ``gelu`` asks for Flax's tanh approximation. One file for the
+whole model (about 320 lines), as nanoGPT keeps its: the classes read in the paper's order.
 """
 
 from __future__ import annotations
@@ -152,15 +152,21 @@ class Attention(nn.Module):
         return self.proj_dropout(self.out(context)), weights
 
 
+def gelu_approximation(config: ml_collections.ConfigDict) -> str:
+    """``F.gelu``'s ``approximate`` for the config's ``gelu`` field: "none" (erf) or "tanh"."""
+    return "tanh" if config.gelu == "tanh" else "none"
+
+
 class Mlp(nn.Module):
     def __init__(self, config: ml_collections.ConfigDict) -> None:
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.transformer.mlp_dim)
         self.fc2 = nn.Linear(config.transformer.mlp_dim, config.hidden_size)
         self.dropout = nn.Dropout(config.transformer.dropout_rate)
+        self.approximate = gelu_approximation(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(F.gelu(self.fc1(x)))
+        x = self.dropout(F.gelu(self.fc1(x), approximate=self.approximate))
         return self.dropout(self.fc2(x))
 
 
@@ -300,6 +306,14 @@ class VisionTransformer(nn.Module):
         (timm's name): a fifth or less of the activation memory per image, for one more forward
         pass. The hybrids' ResNet stem stays stored. Call it before ``torch.compile``."""
         self.transformer.encoder.grad_checkpointing = enable
+
+    def checkpointed_block_input(self) -> tuple[nn.Module, tuple[int, int]] | None:
+        """With gradient checkpointing on, one recomputed block and the shape of its input for
+        one image, (tokens, hidden), for memory estimates; None when it is off."""
+        if not self.transformer.encoder.grad_checkpointing:
+            return None
+        tokens, hidden = self.transformer.embeddings.position_embeddings.shape[1:]
+        return self.transformer.encoder.layer[0], (tokens, hidden)
 
     def load_from(self, weights: object) -> None:
         """Load a Google .npz checkpoint (the result of ``np.load``); see ``models.npz_io``."""

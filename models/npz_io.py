@@ -1,11 +1,12 @@
 """Google's .npz checkpoint layout: read it into our model, and write our model out in it.
 
 The layout is a flat mapping of Flax parameter paths to arrays (``Transformer/encoderblock_0/
-MultiHeadDotProductAttention_1/query/kernel``). Loading builds one table from Google key to our
-parameter and a layout kind that says how the axes differ, converts and checks every tensor, and
-only then copies: a checkpoint that does not fit raises one ``CheckpointError`` listing every
-missing, unexpected and mis-shaped key and every array that is no weight (not floating point, or
-NaN or infinite values), and leaves the model untouched.
+MultiHeadDotProductAttention_1/query/kernel`` for a ViT, ``MixerBlock_0/token_mixing/Dense_0/
+kernel`` for an MLP-Mixer). Loading builds one table from Google key to our parameter and a
+layout kind that says how the axes differ, converts and checks every tensor, and only then copies:
+a checkpoint that does not fit raises one ``CheckpointError`` listing every missing, unexpected
+and mis-shaped key and every array that is no weight (not floating point, or NaN or infinite
+values), and leaves the model untouched.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import scipy.ndimage
 import torch
 
+from models.configs import CONFIGS, is_mixer
 from models.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 # Prefixes under which Google's files store the parameters (older files nest them in the optimizer).
 _PREFIXES = ("", "opt/target/")
 _POSEMB = "Transformer/posembed_input/pos_embedding"
+# The patch embedding's kernel, which every file of the family has: ViT, Mixer.
+_STEMS = ("embedding/kernel", "stem/kernel")
 
 
 class CheckpointError(UserError, ValueError):
@@ -96,8 +100,51 @@ def _resnet_key(name: str) -> tuple[str, str]:
     return module.replace(".", "/") + ("/scale" if leaf == "weight" else "/bias"), "plain"
 
 
+def _mixer_layout(model: torch.nn.Module) -> list[_Entry]:
+    """Every parameter of an MlpMixer with its Google key (``vit_jax/models_mixer.py``)."""
+    entries = [
+        _Entry("stem/kernel", "stem.weight", "conv"),
+        _Entry("stem/bias", "stem.bias", "plain"),
+    ]
+    for i in range(len(model.blocks)):
+        g, t = f"MixerBlock_{i}/", f"blocks.{i}."
+        for flax, ours in (("LayerNorm_0", "token_norm"), ("LayerNorm_1", "channel_norm")):
+            entries.append(_Entry(f"{g}{flax}/scale", f"{t}{ours}.weight", "plain"))
+            entries.append(_Entry(f"{g}{flax}/bias", f"{t}{ours}.bias", "plain"))
+        for mlp in ("token_mixing", "channel_mixing"):
+            for dense, fc in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+                entries.append(_Entry(f"{g}{mlp}/{dense}/kernel", f"{t}{mlp}.{fc}.weight", "dense"))
+                entries.append(_Entry(f"{g}{mlp}/{dense}/bias", f"{t}{mlp}.{fc}.bias", "plain"))
+    entries += [
+        _Entry("pre_head_layer_norm/scale", "pre_head_layer_norm.weight", "plain"),
+        _Entry("pre_head_layer_norm/bias", "pre_head_layer_norm.bias", "plain"),
+        _Entry("head/kernel", "head.weight", "dense"),
+        _Entry("head/bias", "head.bias", "plain"),
+    ]
+    return entries
+
+
+def _heads(model: torch.nn.Module) -> int:
+    """The attention head count that the ``heads_*`` layouts split by (a Mixer has none)."""
+    return 1 if is_mixer(model.config) else model.config.transformer.num_heads
+
+
+def _describe(model: torch.nn.Module) -> str:
+    """The model's sizes, for error messages."""
+    patches = "x".join(map(str, model.config.patches.size))
+    if is_mixer(model.config):
+        return (
+            f"Mixer, hidden size {model.config.hidden_dim}, {len(model.blocks)} blocks, "
+            f"patches {patches}, {model.n_patches} patches per image"
+        )
+    layers = len(model.transformer.encoder.layer)
+    return f"hidden size {model.config.hidden_size}, {layers} layers, patches {patches}"
+
+
 def _layout(model: torch.nn.Module) -> list[_Entry]:
     """Every parameter of ``model`` with its Google key, in state_dict order."""
+    if is_mixer(model.config):
+        return _mixer_layout(model)
     entries = []
     hybrid_prefix = "transformer.embeddings.hybrid_model."
     for name, _ in model.named_parameters():
@@ -207,8 +254,11 @@ def npz_problem(file: str | Path | BinaryIO, thorough: bool = False) -> str | No
     if damaged is not None:
         return f"a damaged zip archive (member {damaged} fails its CRC check)"
     keys = sorted(name[: -len(".npy")] for name in names)
-    if thorough and not any(f"{p}embedding/kernel" in keys for p in _PREFIXES):
-        return f"an .npz without Google's ViT keys (no embedding/kernel in {describe_keys(keys)})"
+    if thorough and not any(f"{p}{stem}" in keys for p in _PREFIXES for stem in _STEMS):
+        return (
+            "an .npz without Google's ViT keys (no embedding/kernel, nor a Mixer's stem/kernel, "
+            f"in {describe_keys(keys)})"
+        )
     return None
 
 
@@ -246,16 +296,48 @@ def describe_keys(keys: list[str], limit: int = 4) -> str:
 
 def _summary(keys: set[str], prefix: str, get) -> str:
     """What a checkpoint holds, in model terms, for error messages."""
-    block = re.compile(rf"{re.escape(prefix)}Transformer/encoderblock_(\d+)/")
-    layers = {m.group(1) for k in keys if (m := block.match(k))}
-    parts = [f"{len(layers)} layers"]
-    kernel = get(f"{prefix}embedding/kernel") if f"{prefix}embedding/kernel" in keys else None
+    block = re.compile(rf"{re.escape(prefix)}(Transformer/encoderblock|MixerBlock)_(\d+)/")
+    layers = {m.groups() for k in keys if (m := block.match(k))}
+    mixer = any(kind == "MixerBlock" for kind, _ in layers)
+    parts = [f"{len(layers)} {'blocks' if mixer else 'layers'}"]
+    stem = next((prefix + s for s in _STEMS if prefix + s in keys), None)
+    kernel = get(stem) if stem else None
     if kernel is not None and kernel.ndim == 4:
         kh, kw, cin, hidden = kernel.shape
         parts = [f"hidden size {hidden}", *parts, f"patches {kh}x{kw}"]
         if f"{prefix}conv_root/kernel" in keys:
             parts.append("ResNet stem")
-    return ", ".join(parts)
+    return ("Mixer, " if mixer else "") + ", ".join(parts)
+
+
+def _shape_of(keys: set[str], prefix: str, get) -> tuple | None:
+    """(Mixer?, width, blocks, patch, ResNet stem?) of a checkpoint, or None if unknown."""
+    block = re.compile(rf"{re.escape(prefix)}(Transformer/encoderblock|MixerBlock)_(\d+)/")
+    layers = {m.groups() for k in keys if (m := block.match(k))}
+    stem = next((prefix + s for s in _STEMS if prefix + s in keys), None)
+    kernel = get(stem) if stem else None
+    if not layers or kernel is None or kernel.ndim != 4:
+        return None
+    mixer = any(kind == "MixerBlock" for kind, _ in layers)
+    resnet = f"{prefix}conv_root/kernel" in keys
+    return mixer, kernel.shape[3], len(layers), kernel.shape[0], resnet
+
+
+def _config_shape(config) -> tuple:
+    if is_mixer(config):
+        return True, config.hidden_dim, config.num_blocks, config.patches.size[0], False
+    resnet = config.get("resnet") is not None
+    return False, config.hidden_size, config.transformer.num_layers, config.patches.size[0], resnet
+
+
+def fitting_types(keys: set[str], prefix: str, get) -> list[str]:
+    """The ``--model_type``s whose shapes a checkpoint has (``testing`` aside)."""
+    shape = _shape_of(keys, prefix, get)
+    return [
+        name
+        for name, config in CONFIGS.items()
+        if name != "testing" and shape is not None and _config_shape(config) == shape
+    ]
 
 
 def _unusable(array: np.ndarray) -> str | None:
@@ -287,8 +369,9 @@ def load_npz_weights(model: torch.nn.Module, weights: Mapping[str, np.ndarray]) 
                 "download it again"
             ) from None
 
-    prefix = next((p for p in _PREFIXES if f"{p}embedding/kernel" in keys), "")
-    heads = model.config.transformer.num_heads
+    stem = _STEMS[is_mixer(model.config)]
+    prefix = next((p for p in _PREFIXES if f"{p}{stem}" in keys), "")
+    heads = _heads(model)
     params = dict(model.named_parameters())
     converted: dict[str, torch.Tensor] = {}
     missing, mismatched, unusable, consumed = [], [], [], set()
@@ -318,6 +401,8 @@ def load_npz_weights(model: torch.nn.Module, weights: Mapping[str, np.ndarray]) 
             hint = ""
             if entry.param.startswith("head."):
                 hint = " (to fine-tune on a new class count use zero_head=True)"
+            elif "/token_mixing/" in entry.key and not any("token-" in m for m in mismatched):
+                hint = " (token-mixing weights fix the patch count: use the checkpoint's img_size)"
             mismatched.append(f"{entry.key} {array.shape} != expected {expected}{hint}")
             continue
         converted[entry.param] = torch.from_numpy(
@@ -345,17 +430,15 @@ def load_npz_weights(model: torch.nn.Module, weights: Mapping[str, np.ndarray]) 
             problems.append(f"{len(mismatched)} mismatched shapes: {describe_keys(mismatched)}")
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected keys: {describe_keys(unexpected)}")
-        model_desc = (
-            f"hidden size {model.config.hidden_size}, {len(model.transformer.encoder.layer)} "
-            f"layers, patches {'x'.join(map(str, model.config.patches.size))}"
-        )
         verdict = (
-            f"does not fit the model ({model_desc})"
+            f"does not fit the model ({_describe(model)})"
             if missing or mismatched or unexpected
             else "is damaged (download it again, or export it again)"
         )
+        types = fitting_types(keys, prefix, get) if missing or mismatched or unexpected else []
+        fits = f"; it is a checkpoint of --model_type {' or '.join(types)}" if types else ""
         raise CheckpointError(
-            f"checkpoint ({_summary(keys, prefix, get)}) {verdict}: " + "; ".join(problems)
+            f"checkpoint ({_summary(keys, prefix, get)}) {verdict}: " + "; ".join(problems) + fits
         )
     with torch.no_grad():
         for name, value in converted.items():
@@ -364,6 +447,6 @@ def load_npz_weights(model: torch.nn.Module, weights: Mapping[str, np.ndarray]) 
 
 def export_npz_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """Our model's weights under Google's keys and layouts, ready for ``np.savez``."""
-    heads = model.config.transformer.num_heads
+    heads = _heads(model)
     params = dict(model.named_parameters())
     return {e.key: _to_google(params[e.param], e.kind, heads) for e in _layout(model)}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from tests.test_train import run_cli
 
 TINY = [
@@ -106,3 +108,16 @@ def test_memory_table_with_grad_checkpointing_fits_more(tmp_path: Path) -> None:
     plain, checkpointed = (tables[k]["table"]["ViT-B_16@224"] for k in (False, True))
     assert tables[True]["grad_checkpointing"] and tables[True]["kind"] == "computed"
     assert all(checkpointed[c] >= 3 * plain[c] for c in ("24", "40", "80")), (plain, checkpointed)
+
+
+def test_a_mixer_is_timed_beside_timms_mixer() -> None:
+    """The peers of a Mixer row: ours and timm's of the same size, nothing that has no Mixer."""
+    import bench.throughput as throughput
+
+    args = throughput.build_parser().parse_args(["--model_type", "Mixer-S_32", "--device", "cpu"])
+    args.peers = args.peers.split(",")  # as main() splits them
+    peers = throughput.build_peers(args, torch.device("cpu"))
+    assert [p.name for p in peers] == ["ours", "timm mixer_s32_224"]
+    assert type(peers[0].model).__name__ == "MlpMixer"
+    ours = sum(p.numel() for p in peers[0].model.parameters())
+    assert ours == sum(p.numel() for p in peers[1].model.parameters())

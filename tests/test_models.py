@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.configs import CONFIGS, ConfigOverrideError, apply_overrides
+from models.configs import CONFIGS, ConfigOverrideError, apply_overrides, is_mixer
+from models.families import make_model
 from models.modeling import VisionTransformer
 
-SMALL_SIZES = {"ViT-H_14": 28, "testing": 16}  # every other config runs at 32 px
+SMALL_SIZES = {"ViT-H_14": 28, "testing": 16}  # every other ViT config runs at 32 px
+VITS = sorted(name for name, config in CONFIGS.items() if not is_mixer(config))
+MIXERS = sorted(name for name, config in CONFIGS.items() if is_mixer(config))
 
 
 def small(name: str, **kwargs) -> VisionTransformer:
@@ -16,7 +19,7 @@ def small(name: str, **kwargs) -> VisionTransformer:
     return VisionTransformer(config, img_size=SMALL_SIZES.get(name, 32), **kwargs)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", VITS)
 def test_forward_shapes_and_gradients(name: str) -> None:
     torch.manual_seed(0)
     model = small(name, num_classes=7, vis=True).eval()  # no dropout: loss == cross-entropy
@@ -34,6 +37,23 @@ def test_forward_shapes_and_gradients(name: str) -> None:
     )
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_mixer_forward_shapes_and_gradients(name: str) -> None:
+    """One block of each Mixer width, at the 224 px its token mixing is sized for."""
+    torch.manual_seed(0)
+    config = apply_overrides(CONFIGS[name], ["num_blocks=1"])
+    model = make_model(config, 224, num_classes=7, vis=True).eval()
+    with torch.no_grad():
+        model.head.weight.normal_()  # Google's zero head would pass no gradient back
+    x, labels = torch.randn(2, 3, 224, 224), torch.tensor([1, 6])
+    logits, attn = model(x)
+    assert logits.shape == (2, 7) and torch.isfinite(logits).all() and attn == []
+    loss = model(x, labels)
+    assert torch.isclose(loss, torch.nn.functional.cross_entropy(logits, labels))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
 @pytest.mark.parametrize(
@@ -62,7 +82,7 @@ def test_sizes_follow_the_paper() -> None:
         "H": (1280, 5120, 16, 32),
     }
     for name, config in CONFIGS.items():
-        if name == "testing":
+        if name == "testing" or is_mixer(config):  # Mixers: tests/test_mixer.py
             continue
         width = name.split("-")[-1].split("_")[0]
         t = config.transformer

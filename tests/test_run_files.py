@@ -81,3 +81,11 @@ def test_run_files_round_trip(tmp_path: Path) -> None:
         files.resume_from(str(tmp_path / "missing.pt"))
     with pytest.raises(UsageError, match="not a <name>_last.pt training state"):
         TrainingState.read(files.best)
+
+
+def test_a_training_state_of_the_previous_version_loads_for_inspection() -> None:
+    """Its recorded config predates the ``gelu`` field: it trained with the exact GELU."""
+    from utils.inspection.inference import load_checkpoint_model
+
+    model = load_checkpoint_model("testing", [], 16, 10, OLD / "old_last.pt")
+    assert type(model).__name__ == "VisionTransformer" and model.config.gelu == "exact"

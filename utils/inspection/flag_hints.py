@@ -83,10 +83,14 @@ def fitting_flags(state: dict[str, torch.Tensor]) -> str:
     return f"its weights fit {' '.join(flags)}{heads}"
 
 
+# Config fields added after checkpoints had been written, with the value those checkpoints used.
+FIELDS_ADDED_LATER = {"gelu": "exact"}
+
+
 def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
     """``KEY=VALUE (not OURS)`` for each field (dropout aside) where a recorded config differs."""
     ours = flat_fields(config.to_dict())
-    theirs = flat_fields(saved)
+    theirs = {**FIELDS_ADDED_LATER, **flat_fields(saved)}  # an older file's config lacks them
     return [
         f"{k}={format_value(theirs.get(k))} (not {format_value(ours.get(k))})"
         for k in sorted(ours.keys() | theirs.keys())

@@ -27,7 +27,7 @@ import torch
 from models.checkpoint import load_resized
 from models.configs import CONFIGS, ConfigOverrideError, apply_overrides
 from models.errors import UsageError
-from models.modeling import VisionTransformer, uncovered_pixels
+from models.families import make_model, resolution_problem
 from models.npz_io import CheckpointError, describe_keys
 from utils.data.class_names import CLASS_NAMES
 from utils.inspection.flag_hints import config_differences, fitting_flags
@@ -169,7 +169,7 @@ def load_checkpoint_model(
     checkpoint: str | Path | Checkpoint,
     vis: bool = False,
     device: str | torch.device = "cpu",
-) -> VisionTransformer:
+) -> torch.nn.Module:
     """Build the model the flags describe and load the checkpoint into it strictly, in eval mode.
 
     Raises UsageError (one line) when the checkpoint cannot be read or does not fit: a shape, a
@@ -182,10 +182,10 @@ def load_checkpoint_model(
         known = ", ".join(CONFIGS)
         raise UsageError(f"unknown --model_type {model_type!r}; choose one of: {known}")
     config = apply_overrides(CONFIGS[model_type], flags.config)
-    if problem := uncovered_pixels(config, img_size):
+    if problem := resolution_problem(config, img_size):
         raise UsageError(problem)
     try:
-        model = VisionTransformer(config, img_size, num_classes=num_classes, vis=vis)
+        model = make_model(config, img_size, num_classes, vis=vis)
     except ValueError as error:
         raise UsageError(f"cannot build {model_type}: {error}") from None
     trained = ckpt.trained_with()
@@ -215,7 +215,7 @@ def load_checkpoint_model(
 
 @torch.no_grad()
 def top_k(
-    model: VisionTransformer, images: torch.Tensor, k: int, device: torch.device
+    model: torch.nn.Module, images: torch.Tensor, k: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities (float64, descending) and class indices, each (B, k)."""
     logits = model(images.to(device))[0].double()
@@ -226,7 +226,7 @@ def top_k(
 
 @dataclass
 class Loaded:
-    model: VisionTransformer
+    model: torch.nn.Module  # a VisionTransformer or an MlpMixer
     classes: list[str]
     device: torch.device
     dataset: str

@@ -72,10 +72,10 @@ def activation_bytes(
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         per_image, per_step = per_image_and_step(model, (3, img_size, img_size))
-        encoder = getattr(getattr(model, "transformer", None), "encoder", None)
-        if getattr(encoder, "grad_checkpointing", False):
-            tokens, hidden = model.transformer.embeddings.position_embeddings.shape[1:]
-            block_image, block_step = per_image_and_step(encoder.layer[0], (tokens, hidden))
+        # a ViT's or a Mixer's (models/families.py); None: not checkpointed
+        block = getattr(model, "checkpointed_block_input", lambda: None)()
+        if block is not None:
+            block_image, block_step = per_image_and_step(*block)
             per_image, per_step = per_image + block_image, per_step + block_step
     return per_image, per_step
 

@@ -1,0 +1,50 @@
+"""The model families, ViT (with its hybrids) and MLP-Mixer, built through one call.
+
+The config says the family (``models.configs.is_mixer``), so the scripts never branch on it::
+
+    config = apply_overrides(CONFIGS[model_type], overrides)
+    if problem := resolution_problem(config, img_size):
+        raise UsageError(problem)
+    model = make_model(config, img_size, num_classes, zero_head=True)
+
+Both families share the interface: ``forward(x) -> (logits, attn_weights)``, ``forward(x,
+labels) -> loss``, ``load_from``, ``export_npz``, ``set_grad_checkpointing``,
+``checkpointed_block_input``, and the ``config``, ``img_size``, ``num_classes`` attributes.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from models.configs import is_mixer
+from models.mixer import MlpMixer
+from models.modeling import VisionTransformer, uncovered_pixels
+
+
+def make_model(
+    config: ml_collections.ConfigDict,
+    img_size: int,
+    num_classes: int,
+    zero_head: bool = False,
+    vis: bool = False,
+) -> VisionTransformer | MlpMixer:
+    """The model ``config`` describes: an MlpMixer for a Mixer config, else a VisionTransformer."""
+    family = MlpMixer if is_mixer(config) else VisionTransformer
+    return family(config, img_size=img_size, num_classes=num_classes, zero_head=zero_head, vis=vis)
+
+
+def resolution_problem(config: ml_collections.ConfigDict, img_size: int) -> str | None:
+    """Why the model of ``config`` cannot run at ``img_size``, in one line, or None.
+
+    A ViT takes any size its patches tile (``uncovered_pixels``); a Mixer only the one its
+    token-mixing weights were made for, the config's ``img_size`` (224 px for Google's).
+    """
+    if not is_mixer(config):
+        return uncovered_pixels(config, img_size)
+    size, patch = config.img_size, config.patches.size[0]
+    if img_size == size:
+        return None
+    return (
+        f"--img_size {img_size}: a Mixer's token-mixing weights are tied to the "
+        f"{(size // patch) ** 2} patches of a {size} px image; use --img_size {size}"
+    )
