@@ -71,7 +71,14 @@ from utils.training.memory import (
 )
 from utils.training.precision import Precision
 from utils.training.rng import rng_state, set_rng_state
-from utils.training.run_files import RunFiles, TrainingState, all_finite, read_weights, write_error
+from utils.training.run_files import (
+    RunFiles,
+    TrainingState,
+    all_finite,
+    precision_of,
+    read_weights,
+    write_error,
+)
 from utils.training.scheduler import build_scheduler, next_lr_from_schedule
 from utils.training.signals import StopRequest
 
@@ -853,6 +860,7 @@ class Saver:
     ctx: dist.Context
     precision: Precision
     kept: tuple[Path, int] | None = None  # the last good state on disk: (file, step)
+    checked_step: int | None = None  # the step whose weights were last found finite
 
     @property
     def is_main(self) -> bool:
@@ -873,10 +881,14 @@ class Saver:
         dist.from_main(lambda: self.files.save_best(weights, self.args, self.classes), self.ctx)
 
     def check_weights(self, run: Run) -> None:
+        """Once per step: an evaluation writes the best weights and then the state."""
+        if self.checked_step == run.step:
+            return
         if not all_finite(run.model.state_dict()):
             raise self.diverged(
                 f"the weights became NaN or infinite in step {run.step}, whose loss was finite"
             )
+        self.checked_step = run.step
 
     def diverged(self, what: str) -> UsageError:
         """The error that stops a diverging run, with where the last good state is."""
@@ -1028,9 +1040,7 @@ def train_claimed(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest
 
         torch.manual_seed(args.seed)  # the same initial weights on every process
         model = build_model(args, len(data.classes)).to(ctx.device)
-        precision = Precision(
-            args.precision or ("fp16" if args.fp16 else "fp32"), ctx.device, args.loss_scale
-        )
+        precision = Precision(precision_of(vars(args)), ctx.device, args.loss_scale)
         footprint = measure_step(model, args.img_size, ctx.device, precision.autocast)
         auto = args.gradient_accumulation_steps == "auto"
         if auto:  # from here on, a number
