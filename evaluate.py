@@ -37,7 +37,7 @@ from utils.data.loader import evaluation_batches
 from utils.data.sampling import unwrap_subset
 from utils.inspection.figures import confusion_matrix_image, save_png
 from utils.inspection.inference import Checkpoint, load_from_args
-from utils.training.engine import evaluate
+from utils.training.evaluation import evaluate
 from utils.training.precision import Precision
 from utils.training.run_files import RunFiles, read_weights
 

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.configs import apply_overrides, is_mixer
+from models.configs import is_mixer
 from models.errors import UsageError
-from models.families import make_model
+from models.families import build_model
 from models.modeling import CONFIGS
 from utils.cli import Parser, run_main
 from utils.data.augment import CifarDataset, draw_boxes
@@ -51,7 +51,13 @@ from utils.data.cifar import CifarArrays
 from utils.data.device_batches import DeviceBatches
 from utils.data.sampling import GlobalBatchSampler
 from utils.training.device import resolve_device
-from utils.training.memory import BACKWARD, GIB, fits_in_memory, measure_step
+from utils.training.memory import (
+    BACKWARD,
+    GIB,
+    fits_in_memory,
+    largest_that_runs,
+    measure_step,
+)
 from utils.training.precision import Precision
 
 NO_DROPOUT = ["transformer.dropout_rate=0", "transformer.attention_dropout_rate=0"]
@@ -198,20 +204,20 @@ def build_peers(args: argparse.Namespace, device: torch.device) -> list[Peer]:
 
     num_classes, size, wanted = 10, args.img_size, args.peers
     mixer = is_mixer(CONFIGS[args.model_type])  # no dropout; only timm has one to compare
-    ours_config = apply_overrides(CONFIGS[args.model_type], [] if mixer else NO_DROPOUT)
     if mixer:
         wanted = [p for p in wanted if p in ("ours", "timm")]
 
-    def ours(config) -> nn.Module:
-        model = make_model(config, size, num_classes, zero_head=True)
+    def ours(overrides: list[str]) -> nn.Module:
+        model = build_model(args.model_type, overrides, size, num_classes, zero_head=True)
         model.set_grad_checkpointing(args.grad_checkpointing)
         return model
 
-    peers = [Peer("ours", ours(ours_config), first_output)]  # the data path's timings need it
+    # ours first: the data path's timings need it
+    peers = [Peer("ours", ours([] if mixer else NO_DROPOUT), first_output)]
+    ours_config = peers[0].model.config
     if "ours-dropout" in wanted:
-        config = CONFIGS[args.model_type]
-        dropout = f"dropout {config.transformer.dropout_rate:g}"
-        peers.append(Peer(f"ours (config {dropout})", ours(config), first_output))
+        dropout = f"dropout {CONFIGS[args.model_type].transformer.dropout_rate:g}"
+        peers.append(Peer(f"ours (config {dropout})", ours([]), first_output))
     timm_name = TIMM_NAMES[args.model_type]
     if "timm" in wanted:
         timm_model = timm.create_model(timm_name, num_classes=num_classes, img_size=size)
@@ -513,15 +519,9 @@ def fits(model: nn.Module, setup: Setup, batch: int, img_size: int) -> bool:
     return fits_in_memory(attempt, model, setup.device)
 
 
-def largest_batch(model: nn.Module, setup: Setup, img_size: int, step: int = 8) -> int:
-    """Largest multiple of ``step`` that fits (doubling, then bisection); 0 if none does."""
-    low, high = 0, step
-    while fits(model, setup, high, img_size):
-        low, high = high, high * 2
-    while high - low > step:
-        mid = (low + high) // 2 // step * step
-        low, high = (mid, high) if fits(model, setup, mid, img_size) else (low, mid)
-    return low
+def largest_batch(model: nn.Module, setup: Setup, img_size: int) -> int:
+    """Largest multiple of 8 images whose step fits; 0 if none does."""
+    return largest_that_runs(lambda batch: fits(model, setup, batch, img_size), multiple=8)
 
 
 def parse_memory_row(text: str) -> tuple[str, int]:
@@ -551,9 +551,8 @@ def memory_table(args: argparse.Namespace, setup: Setup) -> dict:
     print(f"{'model':<10}{'img':>5}" + "".join(f"{f'{c} GB':>9}" for c in capacities))
     table = {}
     for model_type, img_size in args.memory_rows:
-        base = CONFIGS[model_type]
-        config = apply_overrides(base, [] if is_mixer(base) else NO_DROPOUT)
-        model = make_model(config, img_size, 10, zero_head=True).to(setup.device)
+        overrides = [] if is_mixer(CONFIGS[model_type]) else NO_DROPOUT
+        model = build_model(model_type, overrides, img_size, 10, zero_head=True).to(setup.device)
         model.set_grad_checkpointing(args.grad_checkpointing)
         if measured:
             row = []

@@ -1,11 +1,7 @@
 """The model families, ViT (with its hybrids) and MLP-Mixer, built through one call.
 
-The config says the family (``models.configs.is_mixer``), so the scripts never branch on it::
-
-    config = apply_overrides(CONFIGS[model_type], overrides)
-    if problem := resolution_problem(config, img_size):
-        raise UsageError(problem)
-    model = make_model(config, img_size, num_classes, zero_head=True)
+The config says the family (``models.configs.is_mixer``), so the scripts never branch on it:
+every script and the bench build their model with ``build_model(model_type, overrides, ...)``.
 
 Both families share the interface: ``forward(x) -> (logits, attn_weights)``, ``forward(x,
 labels) -> loss``, ``load_from``, ``export_npz``, ``set_grad_checkpointing``,
@@ -16,9 +12,32 @@ from __future__ import annotations
 
 import ml_collections
 
-from models.configs import is_mixer
+from models.configs import CONFIGS, apply_overrides, is_mixer
+from models.errors import UsageError
 from models.mixer import MlpMixer
 from models.modeling import VisionTransformer, uncovered_pixels
+
+
+def build_model(
+    model_type: str,
+    overrides: list[str],
+    img_size: int,
+    num_classes: int,
+    zero_head: bool = False,
+    vis: bool = False,
+) -> VisionTransformer | MlpMixer:
+    """The model of ``--model_type`` with ``--config KEY=VALUE`` overrides at ``img_size``: a
+    type, a field or a size that builds no model is a one-line UserError."""
+    if model_type not in CONFIGS:
+        known = ", ".join(CONFIGS)
+        raise UsageError(f"unknown --model_type {model_type!r}; choose one of: {known}")
+    config = apply_overrides(CONFIGS[model_type], overrides)
+    if problem := resolution_problem(config, img_size):
+        raise UsageError(problem)
+    try:
+        return make_model(config, img_size, num_classes, zero_head=zero_head, vis=vis)
+    except ValueError as error:
+        raise UsageError(f"cannot build {model_type}: {error}") from None
 
 
 def make_model(

@@ -21,7 +21,8 @@ from models.modeling import VisionTransformer
 from models.npz_io import read_npz
 from models.pretrained import BucketFile, choose_augreg, official_url, parse_gs, read_augreg_index
 from tests.test_train import SMALL, SMALL_CONFIG, run_train
-from utils.training.run_files import RunFiles
+from utils.training import flags as train_flags
+from utils.training import starting_weights
 
 # The index's columns in its order (vit_jax/checkpoint.py's get_augreg_df lists them).
 COLUMNS = [
@@ -79,7 +80,7 @@ def tiny_npz(tmp_path: Path) -> bytes:
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    return train.build_parser().parse_args(["--name", "x", *SMALL, *argv])
+    return train_flags.build_parser().parse_args(["--name", "x", *SMALL, *argv])
 
 
 @pytest.fixture
@@ -96,8 +97,8 @@ def mirror(server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
         downloads.append(url.removeprefix(base))
         return download(url, *args, **kwargs)
 
-    download = train.download_file
-    monkeypatch.setattr(train, "download_file", counted)
+    download = starting_weights.download_file
+    monkeypatch.setattr(starting_weights, "download_file", counted)
     return files, downloads
 
 
@@ -155,7 +156,9 @@ def test_mirrors_of_the_buckets_and_which_wins(monkeypatch: pytest.MonkeyPatch) 
 )
 def test_a_malformed_gs_path_is_a_usage_error(spec: str, problem: str) -> None:
     with pytest.raises(UsageError, match="expected gs://<bucket>/<path>.npz") as raised:
-        train.starting_point(parse("--pretrained_dir", spec))
+        starting_weights.StartingWeights.of(
+            parse("--pretrained_dir", spec).pretrained_dir, "ViT-B_16"
+        )
     assert problem in str(raised.value) and "\n" not in str(raised.value)
 
 
@@ -163,16 +166,17 @@ def test_a_gs_file_is_downloaded_once_and_loads(mirror, tmp_path: Path) -> None:
     files, downloads = mirror
     files["/vit_models/sam/testing.npz"] = tiny_npz(tmp_path)
     args = parse("--pretrained_dir", "gs://vit_models/sam/testing.npz")
-    path, start = train.starting_point(args)
+    weights = starting_weights.StartingWeights.of(args.pretrained_dir, args.model_type)
+    path, start = weights.path, weights.words
     assert path == Path("checkpoint/vit_models/sam/testing.npz")
     assert start == "fine-tuning from checkpoint/vit_models/sam/testing.npz (SAM, ImageNet-1k)"
-    train.check_inputs(args, RunFiles(Path("out"), "x"))  # missing, yet downloadable: no error
-    assert train.fetch_pretrained(path, args) == path
+    assert weights.problem() is None  # missing, yet downloadable: no error
+    assert weights.fetch() == path
     assert path.read_bytes() == files["/vit_models/sam/testing.npz"]
     assert downloads == ["/vit_models/sam/testing.npz"]
     config = apply_overrides(CONFIGS["testing"], SMALL_CONFIG)
     VisionTransformer(config, img_size=32, num_classes=10, zero_head=True).load_from(read_npz(path))
-    assert train.fetch_pretrained(path, args) == path
+    assert weights.fetch() == path
     assert downloads == ["/vit_models/sam/testing.npz"], "downloaded again"
 
 
@@ -185,7 +189,9 @@ def test_a_gs_file_the_mirror_lacks_names_the_mirror_variable(mirror, capsys) ->
     assert code == 2 and "no train/ folder" in err and "does not exist" not in err, err
     args = parse("--pretrained_dir", "gs://vit_models/sam/missing.npz")
     with pytest.raises(UsageError, match="or set VIT_GCS_MIRROR to a mirror of https://storage"):
-        train.fetch_pretrained(Path("checkpoint/vit_models/sam/missing.npz"), args)
+        weights = starting_weights.StartingWeights.of(args.pretrained_dir, args.model_type)
+        assert weights.path == Path("checkpoint/vit_models/sam/missing.npz")
+        weights.fetch()
 
 
 def test_augreg_picks_the_best_upstream_final_val_of_the_i21k_pretrainings() -> None:
@@ -211,7 +217,8 @@ def test_augreg_by_the_index_downloads_index_and_file_and_logs_the_choice(
     files["/vit_models/augreg/index.csv"] = index_csv(INDEX_ROWS)
     files[f"/vit_models/augreg/{B16_B}.npz"] = tiny_npz(tmp_path)
     args = parse("--pretrained_dir", "augreg:B_16")
-    path, start = train.starting_point(args)
+    weights = starting_weights.StartingWeights.of(args.pretrained_dir, args.model_type)
+    path, start = weights.path, weights.words
     assert Path("checkpoint/augreg_index.csv").read_bytes() == files["/vit_models/augreg/index.csv"]
     assert path == Path(f"checkpoint/vit_models/augreg/{B16_B}.npz")
     assert start == (
@@ -219,12 +226,10 @@ def test_augreg_by_the_index_downloads_index_and_file_and_logs_the_choice(
         "augreg:B_16)"
     )
     caplog.set_level(logging.INFO, logger="vit")
-    train.check_inputs(args, RunFiles(Path("out"), "x"))
+    assert weights.problem() is None
     assert f"augreg:B_16 is {B16_B}.npz: the best upstream validation accuracy" in caplog.text
-    assert (
-        train.fetch_pretrained(path, args).read_bytes() == files[f"/vit_models/augreg/{B16_B}.npz"]
-    )
-    train.starting_point(args)
+    assert weights.fetch().read_bytes() == files[f"/vit_models/augreg/{B16_B}.npz"]
+    starting_weights.StartingWeights.of(args.pretrained_dir, args.model_type)
     assert downloads == ["/vit_models/augreg/index.csv", f"/vit_models/augreg/{B16_B}.npz"]
 
 
@@ -242,7 +247,9 @@ def test_a_page_instead_of_the_index_is_refused_and_not_kept(mirror) -> None:
     files, _ = mirror
     files["/vit_models/augreg/index.csv"] = b"name,filename\nB/16,x\n"
     with pytest.raises(UsageError, match="without the AugReg index's columns ds, aug"):
-        train.starting_point(parse("--pretrained_dir", "augreg:B_16"))
+        starting_weights.StartingWeights.of(
+            parse("--pretrained_dir", "augreg:B_16").pretrained_dir, "ViT-B_16"
+        )
     assert not Path("checkpoint/augreg_index.csv").exists()
 
 

@@ -21,11 +21,12 @@ import train
 import visualize_attention
 from models.configs import CONFIGS, apply_overrides
 from utils.cli import run_main
+from utils.training import flags as train_flags
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.args"))
 SCRIPTS = {
-    "train.py": train,
+    "train.py": train_flags,  # train.py's flags live in utils/training/flags.py
     "evaluate.py": evaluate,
     "predict.py": predict,
     "visualize_attention.py": visualize_attention,
@@ -90,17 +91,17 @@ def test_hyphen_and_underscore_spellings_parse_alike(script: str) -> None:
 
 
 def test_values_and_positionals_keep_their_hyphens() -> None:
-    args = train.build_parser().parse_args(["--name=--my-run", "--output-dir", "out-put"])
+    args = train_flags.build_parser().parse_args(["--name=--my-run", "--output-dir", "out-put"])
     assert (args.name, args.output_dir) == ("--my-run", "out-put")
     args = predict.build_parser().parse_args(["--checkpoint", "c.bin", "--", "--top-k", "a-b.png"])
     assert args.images == ["--top-k", "a-b.png"] and args.top_k == 5
     # torchrun's spelling, which was a second registered flag before
-    assert train.build_parser().parse_args(["--name", "x", "--local-rank=3"]).local_rank == 3
+    assert train_flags.build_parser().parse_args(["--name", "x", "--local-rank=3"]).local_rank == 3
 
 
 def test_a_misspelled_hyphen_flag_is_reported_as_typed(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as stop:
-        train.build_parser().parse_args(["--name", "x", "--num-stepz", "5"])
+        train_flags.build_parser().parse_args(["--name", "x", "--num-stepz", "5"])
     assert stop.value.code == 2
     assert "unrecognized arguments: --num-stepz 5" in capsys.readouterr().err
 
@@ -116,11 +117,11 @@ def test_flags_after_the_file_override_it_and_before_it_are_overridden(tmp_path:
         "--output_dir run#2\n"
         "--config transformer.dropout_rate=0.0\n"
     )
-    parser = train.build_parser()
+    parser = train_flags.build_parser()
     args = parser.parse_args(["--learning_rate", "0.5", f"@{recipe}", "--name", "r"])
     assert (args.num_steps, args.warmup_steps, args.learning_rate) == (500, 50, 0.01)
     assert (args.logdir, args.output_dir) == ("logs #2", "run#2")
-    train.check_args(args)
+    train_flags.check_args(args)
 
     args = parser.parse_args(
         [f"@{recipe}", "--name", "r", "--num-steps", "20", "--warmup_steps", "2",
@@ -146,10 +147,10 @@ def test_a_missing_flag_file_is_one_line_and_exit_code_2(
     else:
         argv = ["--name", "x", f"@{missing}"]
     with pytest.raises(SystemExit) as stop:
-        train.build_parser().parse_args(argv)
+        train_flags.build_parser().parse_args(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2
-    assert err.count("\n") == 1 and err.startswith(train.build_parser().prog + ": error: ")
+    assert err.count("\n") == 1 and err.startswith(train_flags.build_parser().prog + ": error: ")
     assert str(missing) in err and "Errno" not in err
 
 
@@ -250,10 +251,11 @@ def test_help_shows_one_spelling_per_flag_each_explained_with_its_default(script
 
 @pytest.mark.parametrize("script", ["train.py", "bench/throughput.py"])  # the two with a note
 def test_help_leaves_out_the_docstrings_note_to_developers(script: str) -> None:
-    module = SCRIPTS[script]
-    text = " ".join(module.build_parser().format_help().split())
-    assert " ".join(module.__doc__.split("\n\n")[0].split()) in text  # the summary stays
-    for note in ("Why one file", "One file ("):
+    text = " ".join(SCRIPTS[script].build_parser().format_help().split())
+    script_doc = {"train.py": train, "bench/throughput.py": bench.throughput}[script].__doc__
+    for paragraph in script_doc.split("\n\n")[:2]:  # the summary and the commands stay
+        assert " ".join(paragraph.split()) in text
+    for note in ("The story of a run", "One file ("):
         assert note not in text
 
 
@@ -303,8 +305,8 @@ def test_there_are_recipes_and_the_readme_lists_each_once() -> None:
 def test_a_recipe_parses_passes_train_checks_and_states_its_numbers(path: Path) -> None:
     words = [w for line in path.read_text().splitlines() for w in line.split("#")[0].split()]
     assert "--name" not in words, "the run's name is the user's"
-    args = train.build_parser().parse_args([f"@{path}", "--name", "run"])
-    train.check_args(args)  # the checks train.py makes before anything else
+    args = train_flags.build_parser().parse_args([f"@{path}", "--name", "run"])
+    train_flags.check_args(args)  # the checks train.py makes before anything else
 
     header = recipe_header(path)
     assert {"Source", "Published accuracy", "Expected time on one H100"} <= set(header)
@@ -319,18 +321,18 @@ def test_a_recipe_parses_passes_train_checks_and_states_its_numbers(path: Path) 
 
 def test_a_flag_typed_after_a_recipe_overrides_it() -> None:
     path = REPO / "recipes" / "vit-b16-cifar10-google.args"
-    args = train.build_parser().parse_args([f"@{path}", "--name", "run", "--img-size", "224"])
+    args = train_flags.build_parser().parse_args([f"@{path}", "--name", "run", "--img-size", "224"])
     assert args.img_size == 224 and args.num_steps == 10000
 
 
 def test_num_epochs_after_a_recipe_overrides_its_num_steps_and_the_later_one_counts() -> None:
     path = REPO / "recipes" / "vit-b16-cifar10-google.args"  # sets --num_steps 10000
-    parser = train.build_parser()
+    parser = train_flags.build_parser()
     args = parser.parse_args([f"@{path}", "--name", "run", "--num_epochs", "3"])
-    train.check_args(args)
+    train_flags.check_args(args)
     assert (args.num_epochs, args.num_steps) == (3.0, None)  # steps follow from the epochs
     args = parser.parse_args(["--name", "r", "--num-epochs", "3", "--num_steps", "700"])
-    train.check_args(args)
+    train_flags.check_args(args)
     assert (args.num_epochs, args.num_steps) == (None, 700)
     help_text = " ".join(parser.format_help().split())
     assert "the one typed last counts" in help_text

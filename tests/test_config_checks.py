@@ -8,6 +8,7 @@ import pytest
 import train
 from models.configs import CONFIGS, ConfigOverrideError, apply_overrides, check_config, flat_fields
 from utils.cli import run_main
+from utils.training import distributed as dist
 
 BAD = [
     ("testing", "hidden_size=0", "hidden_size=0: must be a positive integer"),
@@ -58,7 +59,7 @@ def test_train_refuses_it_at_argument_check_time_in_one_line(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Exit code 2 before dist.setup: nothing is downloaded, built or written."""
-    monkeypatch.setattr(train.dist, "setup", lambda *a: pytest.fail("went past check_args"))
+    monkeypatch.setattr(dist, "setup", lambda *a: pytest.fail("went past check_args"))
     argv = ["--name", "x", "--model_type", "testing", "--img_size", "32", "--pretrained_dir",
             "none", "--config", "transformer.dropout_rate=nan"]  # fmt: skip
     with pytest.raises(SystemExit) as stopped:

@@ -20,8 +20,9 @@ from torchvision.transforms import RandomResizedCrop
 
 from tests.helpers import SPEC, listing, make_archive, md5_of, write_cifar10, write_pickle
 from utils.data.augment import TRIES, CifarDataset, draw_boxes, keyed_uniform
-from utils.data.cifar import CifarArrays, DataError, ensure_cifar, load_cifar
+from utils.data.cifar import CifarArrays, ensure_cifar, load_cifar
 from utils.data.download import DownloadError, download_file
+from utils.data.errors import DataError
 from utils.data.sampling import GlobalBatchSampler, shard_indices
 
 SCALE, RATIO = (0.05, 1.0), (3 / 4, 4 / 3)

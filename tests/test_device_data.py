@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
 from utils.data.augment import CifarDataset, draw_boxes
-from utils.data.cifar import CifarArrays, DataError
+from utils.data.cifar import CifarArrays
 from utils.data.device_batches import DeviceBatches, resize_weights, use_device_data
+from utils.data.errors import DataError
 from utils.data.image_folder import ImageFolderDataset
 from utils.data.sampling import GlobalBatchSampler, KeyedSubset
 

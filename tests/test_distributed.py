@@ -18,7 +18,11 @@ import pytest
 import torch
 
 import train
+from models.errors import UsageError
 from tests.test_train import SMALL, closed_port, run_cli
+from utils.training import distributed as dist
+from utils.training import learner as learner_module
+from utils.training import update
 
 pytestmark = pytest.mark.slow
 NO_DROPOUT = ["--config", "transformer.dropout_rate=0"]
@@ -118,7 +122,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(
     assert run_in_process(tmp_path / "straight", subset) == 0
     straight = last_state(tmp_path / "straight", "run")
 
-    real_step, calls = train.train_step, []
+    real_step, calls = update.train_step, []
 
     def step_then_signal(*args, **kwargs):
         out = real_step(*args, **kwargs)
@@ -127,9 +131,9 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(train, "train_step", step_then_signal)
+    monkeypatch.setattr(update, "train_step", step_then_signal)
     assert run_in_process(tmp_path / "split", subset) == 128 + signal.SIGTERM
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(update, "train_step", real_step)
     stopped = last_state(tmp_path / "split", "run")
     assert stopped["step"] == 6
     assert run_in_process(tmp_path / "split", subset, "--resume", "auto") == 0
@@ -147,11 +151,11 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(
 
 def test_resume_refuses_another_model_or_no_steps_left(tmp_path: Path, subset: Path) -> None:
     assert run_in_process(tmp_path, subset, "--num_steps", "8") == 0
-    with pytest.raises(train.UsageError, match="--img_size"):
+    with pytest.raises(UsageError, match="--img_size"):
         run_in_process(tmp_path, subset, "--resume", "auto", "--img_size", "16")
     for steps in ("8", "6"):
         with pytest.raises(
-            train.UsageError,
+            UsageError,
             match=f"(already at step 8|belongs to a run of 8 steps), and --num_steps is {steps}",
         ):
             run_in_process(tmp_path, subset, "--resume", "auto", "--num_steps", steps)
@@ -301,17 +305,11 @@ def test_compile_wraps_the_ddp_module(monkeypatch: pytest.MonkeyPatch) -> None:
     from models.configs import CONFIGS
     from models.modeling import VisionTransformer
 
-    wrapped = []
-    monkeypatch.setattr(train, "DDP", lambda module, device_ids: ("DDP", module))
+    monkeypatch.setattr(learner_module, "DDP", lambda module, device_ids: ("DDP", module))
     monkeypatch.setattr(torch, "compile", lambda module: ("compiled", module))
-    args = train.build_parser().parse_args(["--name", "x", "--compile", "--model_type", "testing"])
-    train.check_args(args)
     model = VisionTransformer(CONFIGS["testing"], 224)
-    ctx = train.dist.Context(0, 2, 0, torch.device("cpu"))
-    run = train.build_run(model, args, ctx, train.Precision("fp32", ctx.device, 0), [10000])
-    wrapped.append(run.stepper)
-    assert wrapped == [("compiled", ("DDP", model))]
-    assert run.model is model
+    ctx = dist.Context(0, 2, 0, torch.device("cpu"))
+    assert learner_module.for_training(model, ctx, compile=True) == ("compiled", ("DDP", model))
 
 
 def test_compiled_ddp_with_accumulation_equals_eager(tmp_path: Path, subset: Path) -> None:

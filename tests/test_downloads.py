@@ -25,8 +25,9 @@ from models.npz_io import (
 from tests.helpers import PORTAL_PAGE, listing, make_archive, write_cifar10
 from utils.cli import run_main
 from utils.data import cifar as data_module
-from utils.data.cifar import DataError, ensure_cifar
+from utils.data.cifar import ensure_cifar
 from utils.data.download import DownloadError, download_file
+from utils.data.errors import DataError
 
 SMALL = ["--model_type", "testing", "--img_size", "32", "--num_workers", "0", "--warmup_steps", "0"]
 

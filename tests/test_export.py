@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import load_resized
 from models.configs import CONFIGS, apply_overrides
 from models.modeling import VisionTransformer
+from models.resize import load_resized
 from tests.test_npz_io import randomise
 from tests.test_train import SMALL_CONFIG, run_cli
 

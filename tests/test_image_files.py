@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 import train
 from models.errors import UsageError
 from tests.test_train import SMALL
-from utils.data.cifar import DataError
 from utils.data.datasets import build_datasets
+from utils.data.errors import DataError
 from utils.data.image_folder import ImageFolderDataset, scan_split, unreadable_images
 from utils.inspection.images import load_image
 

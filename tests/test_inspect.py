@@ -21,7 +21,7 @@ from models.configs import CONFIGS, apply_overrides
 from models.errors import UsageError, UserError
 from models.modeling import VisionTransformer
 from tests.helpers import confusion_matrix
-from tests.test_train import REPO, SMALL_CONFIG, run_cli
+from tests.test_train import SMALL_CONFIG, run_cli
 from utils.cli import run_main
 from utils.data.augment import CifarDataset
 from utils.data.cifar import load_cifar
@@ -39,7 +39,7 @@ from utils.inspection.figures import (
 from utils.inspection.images import preprocess
 from utils.inspection.inference import class_names, load_checkpoint_model, open_checkpoint
 from utils.inspection.rollout import attention_rollout, overlay_heatmap
-from utils.training.engine import evaluate
+from utils.training.evaluation import evaluate
 from utils.training.precision import Precision
 
 MODEL = ["--model_type", "testing", "--img_size", "32"]
@@ -520,7 +520,7 @@ def test_overlay_is_hottest_where_the_mask_peaks() -> None:
 
 
 def test_evaluation_counts_the_confusion_matrix_image_by_image() -> None:
-    """engine.evaluate's device-side count (scatter_add over batches) against counting each
+    """evaluation.evaluate's device-side count (scatter_add over batches) against counting each
     prediction of the same model by hand."""
     config = apply_overrides(CONFIGS["testing"], SMALL_CONFIG)
     torch.manual_seed(0)
@@ -578,10 +578,6 @@ def test_log_eval_images_writes_image_summaries(tmp_path: Path) -> None:
     assert event.step == 30 and (event.height, event.width) == figure.shape[:2]
 
 
-@pytest.mark.skipif(
-    "log_eval_images" not in (REPO / "train.py").read_text(),
-    reason="train.py does not call utils.inspection.figures.log_eval_images yet",
-)
 def test_training_logs_eval_images_and_hparams(trained: Trained) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -22,6 +22,7 @@ from models.configs import CONFIGS, apply_overrides
 from models.errors import UsageError
 from models.families import make_model
 from models.npz_io import CheckpointError, export_npz_weights
+from utils.training import flags as train_flags
 from utils.training.run_files import TrainingState, read_weights
 
 NARROW = ["hidden_dim=32", "num_blocks=2", "tokens_mlp_dim=16", "channels_mlp_dim=64"]
@@ -42,10 +43,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory, subset: Path) -> Path:
 
 
 def test_train_refuses_a_mixer_at_another_resolution_naming_224() -> None:
-    args = train.build_parser().parse_args(["--name", "m", "--model_type", "Mixer-B_16",
+    args = train_flags.build_parser().parse_args(["--name", "m", "--model_type", "Mixer-B_16",
                                             "--img_size", "384"])  # fmt: skip
     with pytest.raises(UsageError, match=r"--img_size 384: a Mixer's .* use --img_size 224"):
-        train.check_args(args)
+        train_flags.check_args(args)
 
 
 def test_evaluate_reproduces_the_mixers_logged_accuracy(

@@ -18,10 +18,16 @@ import torch
 
 import train
 from models.errors import UsageError
+from models.families import build_model
 from models.npz_io import CheckpointError
 from tests.test_train import SMALL
+from utils.training import distributed as dist
+from utils.training import flags as train_flags
+from utils.training import memory, update
+from utils.training.learner import Learner
+from utils.training.optimizer import LearningRate, build_optimizer, warmup_cosine
+from utils.training.precision import Precision
 from utils.training.run_files import RunFiles, TrainingState, read_weights
-from utils.training.scheduler import warmup_cosine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -265,13 +271,13 @@ def test_a_larger_num_steps_trains_a_finished_run_further_with_a_new_warm_up(
     """20 steps with a warm-up of 10, then --num_steps 40: steps 21-40 run at the learning rates
     of a 20-step schedule of their own, and a resume in the middle of the extension keeps it."""
     rates: list[float] = []
-    real = train.optimize_one_step
+    real = update.train_step
 
-    def recording(run_, *args, **kwargs):
-        rates.append(run_.optimizer.param_groups[0]["lr"])
-        return real(run_, *args, **kwargs)
+    def recording(model, batch, optimizer, *args, **kwargs):  # the rate each update runs at
+        rates.append(optimizer.param_groups[0]["lr"])
+        return real(model, batch, optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(train, "optimize_one_step", recording)
+    monkeypatch.setattr(update, "train_step", recording)
     peak = 0.03
     common = ["--warmup_steps", "10", "--eval_every", "100", "--log_every", "100"]
     assert run(tmp_path, subset, "far", *common, "--num_steps", "20") == 0
@@ -389,38 +395,36 @@ def test_where_nothing_fits_only_switches_that_fit_are_offered(
 ) -> None:
     """Room for one image only with --grad_checkpointing and bf16 together: the refusal offers
     that pair with its micro-batches, not either switch alone; followed, the advice passes."""
-    parser = train.build_parser()
+    parser = train_flags.build_parser()
     base = ["--name", "m", "--model_type", "testing", "--img_size", "224",
             "--train_batch_size", "64", "--gradient_accumulation_steps", "1"]  # fmt: skip
-    ctx = train.dist.Context(0, 1, 0, torch.device("cpu"))
+    ctx = dist.Context(0, 1, 0, torch.device("cpu"))
 
     def estimate(*flags: str):
         args = parser.parse_args([*base, *flags])
-        train.check_args(args)
-        model = train.build_model(args, 10)
-        precision = train.Precision(args.precision or "fp32", ctx.device, 0)
-        return (
-            args,
-            model,
-            precision,
-            train.measure_step(model, 224, ctx.device, precision.autocast),
-        )
+        train_flags.check_args(args)
+        model = build_model(args.model_type, args.config, 224, 10, zero_head=True)
+        model.set_grad_checkpointing(args.grad_checkpointing)
+        precision = Precision(args.precision or "fp32", ctx.device, 0)
+        fit = memory.StepToFit(model, args.model_type, 224, args.train_batch_size, precision,
+                               args.grad_checkpointing)  # fmt: skip
+        return args, fit, precision, fit.measure()
 
     *_, both = estimate("--grad_checkpointing", "--precision", "bf16")
     *_, alone = estimate("--grad_checkpointing")
     room = (
         both.needed(1) + min(alone.needed(1), estimate("--precision", "bf16")[3].needed(1))
     ) // 2
-    monkeypatch.setattr(train, "available_bytes", lambda device: room)
-    args, model, precision, step = estimate()
-    advice = train.check_memory(step, args, ctx, precision, model=model)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: room)
+    args, fit, precision, step = estimate()
+    advice = fit.advice(step, args.gradient_accumulation_steps, auto=False)
     offered = advice.split("; use ")[1].split(", or ")
     assert offered == [
         "--gradient_accumulation_steps auto",
         f"--grad_checkpointing --precision bf16 --gradient_accumulation_steps 64 (micro-batches "
         f"of 1, about {both.needed(1) / 2**30:.1f} GiB)",
     ]
-    args, model, precision, step = estimate(*offered[1].split(" (")[0].split())
+    args, fit, precision, step = estimate(*offered[1].split(" (")[0].split())
     assert step.needed(1) <= room  # followed, it fits
 
 
@@ -432,19 +436,18 @@ def test_a_resume_on_another_world_size_says_what_differs(
     rank and the step, the same on every try."""
     assert run(tmp_path, subset, "w", "--num_steps", "4", "--eval_every", "4") == 0
     state = TrainingState.read(tmp_path / "out" / "w_last.pt")
-    args = train.build_parser().parse_args(argv(tmp_path, subset, "w", "--num_steps", "8"))
-    train.check_args(args)
-    args.gradient_accumulation_steps = 1
-    single = train.dist.Context(0, 1, 0, torch.device("cpu"))
+    args = train_flags.build_parser().parse_args(argv(tmp_path, subset, "w", "--num_steps", "8"))
+    train_flags.check_args(args)
     draws = []
     for _ in range(2):
-        model = train.build_model(args, 10)
-        precision = train.Precision("fp32", single.device, 0)
-        run_ = train.build_run(model, args, single, precision, train.schedule_ends(state, 8))
+        model = build_model(args.model_type, args.config, args.img_size, 10, zero_head=True)
+        lr = LearningRate.of_run(args.learning_rate, args.warmup_steps, "cosine", 8, state.ends)
+        optimizer = build_optimizer(model, args.weight_decay, fp16=False)
+        learner = Learner(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), lr)
         capfd.readouterr()
-        run_.restore(state, train.dist.Context(0, 2, 0, torch.device("cpu")), args.seed)
+        learner.restore(state, dist.Context(0, 2, 0, torch.device("cpu")), args.seed)
         draws.append(torch.rand(4))
-        assert run_.step == 4
+        assert learner.step == 4
     assert torch.equal(*draws)
     assert "resumed on 2 process(es), saved on 1: the data order and augmentation go on" in (
         capfd.readouterr().err

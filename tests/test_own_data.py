@@ -12,15 +12,16 @@ import torch
 from PIL import Image
 
 import train
-from models.checkpoint import load_resized
 from models.configs import CONFIGS, apply_overrides
 from models.modeling import VisionTransformer
 from models.npz_io import CheckpointError
+from models.resize import load_resized
 from tests.test_tensorboard import hparams_tab, tag_groups_in_order, tags
 from tests.test_train import SMALL, SMALL_CONFIG, event_scalars, run_cli
 from utils.data.augment import CifarDataset
-from utils.data.cifar import CifarArrays, DataError
+from utils.data.cifar import CifarArrays
 from utils.data.datasets import build_datasets
+from utils.data.errors import DataError
 from utils.data.image_folder import scan_split
 from utils.data.sampling import GlobalBatchSampler, split_indices
 from utils.training.run_files import read_weights

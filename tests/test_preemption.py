@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
 from models.modeling import VisionTransformer
 from tests.test_distributed import assert_same_weights, last_state, run_in_process
 from tests.test_train import REPO, SMALL, closed_port
+from utils.training.saving import Saver
 
 pytestmark = pytest.mark.slow
 
@@ -163,16 +163,16 @@ def test_a_stop_inside_a_step_drops_it_and_the_resumed_run_ends_bit_for_bit(
     """SIGTERM during the second micro-batch of step 5: micro-batches 3 and 4 never run, the
     saved state is exactly the straight run's after step 4 (weights, momentum, RNG), and the
     resumed run ends on the straight run's weights, bitwise."""
-    real_last, kept = train.Saver.last, tmp_path / "straight_step4.pt"
+    real_last, kept = Saver.last, tmp_path / "straight_step4.pt"
 
     def keep_step_4(saver, run) -> None:
         real_last(saver, run)
         if run.step == 4:
             shutil.copy(saver.files.last, kept)
 
-    monkeypatch.setattr(train.Saver, "last", keep_step_4)
+    monkeypatch.setattr(Saver, "last", keep_step_4)
     assert accumulated_run(tmp_path / "straight", subset) == 0
-    monkeypatch.setattr(train.Saver, "last", real_last)
+    monkeypatch.setattr(Saver, "last", real_last)
     straight = last_state(tmp_path / "straight", "run")
 
     calls = micro_batches(monkeypatch, signal_at=4 * 4 + 2)

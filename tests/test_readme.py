@@ -34,6 +34,8 @@ import train
 from models.configs import CONFIGS, apply_overrides
 from models.modeling import VisionTransformer
 from tests.helpers import Handler, make_archive, write_cifar, write_cifar10
+from utils.data.batches import BatchSource
+from utils.training import memory
 
 pytestmark = pytest.mark.slow
 
@@ -267,8 +269,8 @@ def test_the_headline_command_at_its_real_size_sets_up_and_starts(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "cifar-10-batches-py").symlink_to(subset / "cifar-10-batches-py")
-    monkeypatch.setattr(train, "available_bytes", lambda device: free_gib * 2**30)
-    real_batches, begun = train.DataPath.training_batches, []
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free_gib * 2**30)
+    real_batches, begun = BatchSource.training_batches, []
 
     def first_batch_then_signal(data_path, *args):
         next_batch = real_batches(data_path, *args)
@@ -281,7 +283,7 @@ def test_the_headline_command_at_its_real_size_sets_up_and_starts(
 
         return made_then_signal
 
-    monkeypatch.setattr(train.DataPath, "training_batches", first_batch_then_signal)
+    monkeypatch.setattr(BatchSource, "training_batches", first_batch_then_signal)
     assert train.main([*headline_argv(), "--device", "cpu"]) == 128 + signal.SIGTERM
     log = capfd.readouterr().err
     assert begun == [(512, 3, 224, 224)]

@@ -19,6 +19,8 @@ from torch.overrides import TorchFunctionMode
 
 import train
 from tests.test_train import SMALL
+from utils.data.batches import BatchSource
+from utils.training import update
 
 Tensor = torch.Tensor
 READS = {
@@ -75,9 +77,10 @@ class HostWaits(TorchFunctionMode):
 
 @pytest.fixture
 def watched(monkeypatch: pytest.MonkeyPatch) -> HostWaits:
-    """Watch ``optimize_one_step``, and ``DataPath.next_batch`` where batches are made on the
-    device. (DataLoader batches are host work by design: a worker process makes them, and the
-    main process only queues their copy.)"""
+    """Watch train.py's ``one_step``, and ``BatchSource.next_batch`` where batches are made on
+    the device. (DataLoader batches are host work by design: a worker process makes them, and
+    the main process only queues their copy.) ``one_step`` is patched in train.py itself: the
+    promise is of its loop, the learning rate and the meter included, not only of the update."""
     mode = HostWaits()
 
     def watch(function):
@@ -87,15 +90,15 @@ def watched(monkeypatch: pytest.MonkeyPatch) -> HostWaits:
 
         return watched_call
 
-    real_init = train.DataPath.__init__
+    real_init = BatchSource.__init__
 
     def init(self, *args, **kwargs) -> None:
         real_init(self, *args, **kwargs)
         if self.copies is not None:  # batches made on the device
             self.next_batch = watch(self.next_batch)
 
-    monkeypatch.setattr(train.DataPath, "__init__", init)
-    monkeypatch.setattr(train, "optimize_one_step", watch(train.optimize_one_step))
+    monkeypatch.setattr(BatchSource, "__init__", init)
+    monkeypatch.setattr(train, "one_step", watch(train.one_step))
     return mode
 
 
@@ -130,14 +133,14 @@ def test_the_watch_sees_a_read(
     watched: HostWaits, subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The test above can fail: a loss read in the step is caught, with its place."""
-    real_step = train.train_step
+    real_step = update.train_step
 
     def reading_step(*args, **kwargs):
         loss, norm = real_step(*args, **kwargs)
         float(loss)  # what a `print(loss.item())` in the loop would cost
         return loss, norm
 
-    monkeypatch.setattr(train, "train_step", reading_step)
+    monkeypatch.setattr(update, "train_step", reading_step)
     assert run_train(subset, tmp_path, "--num_steps", "2", "--eval_every", "2") == 0
     assert len(watched.found) == 2 and watched.found[0].startswith("__float__ at ")
     watched.found.clear()

@@ -20,11 +20,17 @@ from PIL import Image
 
 import train
 from models.configs import CONFIGS, apply_overrides
+from models.errors import UsageError
+from models.families import build_model
 from models.modeling import VisionTransformer
 from tests.helpers import md5_of
 from utils.cli import run_main
 from utils.data import cifar as data_module
-from utils.training.scheduler import build_scheduler, warmup_cosine, warmup_linear
+from utils.data.batches import BatchSource
+from utils.training import flags as train_flags
+from utils.training import memory, update
+from utils.training.optimizer import LearningRate, warmup_cosine, warmup_linear
+from utils.training.precision import Precision
 
 REPO = Path(__file__).resolve().parents[1]
 # A small ViT for 32 px: 8x8 patches of 4 px, width 64.
@@ -184,10 +190,10 @@ def test_accumulation_equals_one_large_batch() -> None:
         torch.manual_seed(1)
         model = VisionTransformer(config, img_size=16, num_classes=10)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        precision = train.Precision("fp32", torch.device("cpu"), 0)
+        precision = Precision("fp32", torch.device("cpu"), 0)
         scaler = precision.scaler()
         for _ in range(2):
-            loss, _ = train.train_step(model, (x, y), optimizer, scaler, precision, accum, 1.0)
+            loss, _ = update.train_step(model, (x, y), optimizer, scaler, precision, accum, 1.0)
         results.append((loss, [p.detach().clone() for p in model.parameters()]))
     (loss1, params1), (loss4, params4) = results
     torch.testing.assert_close(loss1, loss4)
@@ -199,9 +205,9 @@ def test_gradients_are_clipped_to_the_global_norm() -> None:
     model = VisionTransformer(CONFIGS["testing"], img_size=16, num_classes=10)
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    precision = train.Precision("fp32", torch.device("cpu"), 0)
+    precision = Precision("fp32", torch.device("cpu"), 0)
     x, y = torch.randn(8, 3, 16, 16) * 100, torch.randint(0, 10, (8,))
-    _, norm = train.train_step(model, (x, y), optimizer, precision.scaler(), precision, 1, 0.5)
+    _, norm = update.train_step(model, (x, y), optimizer, precision.scaler(), precision, 1, 0.5)
     step = torch.cat(
         [(b - p.detach()).flatten() for b, p in zip(before, model.parameters(), strict=True)]
     )
@@ -216,13 +222,8 @@ def test_schedules_follow_their_formulas(schedule: str) -> None:
         "cosine": lambda k: 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup))),
         "linear": lambda k: (total - k) / (total - warmup),
     }[schedule]
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
-    scheduler = build_scheduler(optimizer, schedule, warmup, [total])
-    seen = {}
-    for k in range(1, total + 1):  # update k runs at the lr set before it
-        seen[k] = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
+    lr = LearningRate.of_run(base, warmup, schedule, total, saved_ends=[])
+    seen = {k: lr.at(k) for k in range(1, total + 1)}  # update k (from 1) runs at lr.at(k)
     for k in (1, 5, 9):
         assert math.isclose(seen[k], base * k / warmup)
     for k in (10, 11, 40, 55, 99, 100):
@@ -393,8 +394,8 @@ def test_evaluation_batches_on_the_device_are_the_workers(subset: Path) -> None:
 
     data = build_datasets("cifar10", subset, 40, seed=3, val_split=0.1, hflip=True)
 
-    def path(ctx: Context, data_on_device: str) -> train.DataPath:
-        return train.DataPath(
+    def path(ctx: Context, data_on_device: str) -> BatchSource:
+        return BatchSource(
             data, ctx, 12, 0, seed=3, data_on_device=data_on_device, num_workers=0,
             eval_batch_size=64,
         )  # fmt: skip
@@ -419,7 +420,7 @@ def test_evaluation_batches_on_the_device_are_the_workers(subset: Path) -> None:
 
 
 def test_both_launcher_spellings_of_local_rank() -> None:
-    parser = train.build_parser()
+    parser = train_flags.build_parser()
     for flag in ("--local_rank", "--local-rank"):
         assert parser.parse_args(["--name", "x", flag, "3"]).local_rank == 3
 
@@ -433,7 +434,7 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_state(
         "--train_batch_size", "16", "--num_steps", "40", "--eval_every", "1", "--log_every", "1",
         "--warmup_steps", "0", "--max_grad_norm", "1e30", "--eval_batch_size", "256",
     ]  # fmt: skip
-    with pytest.raises(train.UsageError, match=r"the loss became (nan|inf) at step \d+; stopping"):
+    with pytest.raises(UsageError, match=r"the loss became (nan|inf) at step \d+; stopping"):
         train.main([*args, "--learning_rate", "1e12"])
     state = torch.load(tmp_path / "out" / "nan_last.pt", weights_only=True)
     assert 1 <= state["step"] < 40
@@ -509,9 +510,9 @@ def test_a_step_that_cannot_fit_stops_before_it_with_the_fix(
     machine with 24 GiB free: exit 2 before any step or download, advising only what fits by
     the estimate (the fewest micro-batches, or auto); the advised count does fit."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train, "available_bytes", lambda device: 24 * 2**30)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 24 * 2**30)
     argv = ["--name", "cifar10-100_500", "--model_type", "ViT-B_16", "--data_dir", str(subset)]
-    with pytest.raises(train.UsageError) as error:
+    with pytest.raises(UsageError) as error:
         train.main([*argv, "--gradient_accumulation_steps", "1"])
     message = str(error.value)
     assert "a step of 512 images of 224 px (ViT-B_16, fp32) needs about" in message
@@ -520,16 +521,14 @@ def test_a_step_that_cannot_fit_stops_before_it_with_the_fix(
     n = int(re.search(r"--gradient_accumulation_steps (\d+) \(micro-batches of", message)[1])
     assert not Path("checkpoint").exists() and not list(Path("output").glob("*.pt"))
 
-    args = train.build_parser().parse_args([*argv, "--gradient_accumulation_steps", str(n)])
-    model = train.build_model(args, 10)
-    precision = train.Precision("fp32", torch.device("cpu"), 0)
-    ctx = train.dist.Context(0, 1, 0, torch.device("cpu"))
-    step = train.measure_step(model, args.img_size, ctx.device, precision.autocast)
-    train.check_memory(step, args, ctx, precision)  # the advice fits
+    model = build_model("ViT-B_16", [], 224, 10, zero_head=True)
+    fit = memory.StepToFit(model, "ViT-B_16", 224, 512, Precision("fp32", torch.device("cpu"), 0),
+                           grad_checkpointing=False)  # fmt: skip
+    step = fit.measure()
+    fit.advice(step, n, auto=False, switches=False)  # the advice fits
     fewer = max(d for d in range(1, n) if 512 % d == 0)
-    args.gradient_accumulation_steps = fewer
-    with pytest.raises(train.UsageError):  # and no fewer micro-batches would
-        train.check_memory(step, args, ctx, precision)
+    with pytest.raises(UsageError):  # and no fewer micro-batches would
+        fit.advice(step, fewer, auto=False, switches=False)
 
 
 def test_out_of_memory_in_a_step_is_one_line_with_the_fix(
@@ -538,8 +537,8 @@ def test_out_of_memory_in_a_step_is_one_line_with_the_fix(
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train, "train_step", out_of_memory)
-    with pytest.raises(train.UsageError, match=r"out of memory in step 1: a step of 16 images"):
+    monkeypatch.setattr(update, "train_step", out_of_memory)
+    with pytest.raises(UsageError, match=r"out of memory in step 1: a step of 16 images"):
         train.main(
             ["--name", "oom", *SMALL, "--pretrained_dir", "none", "--data_dir", str(subset),
              "--train_batch_size", "16", "--num_steps", "4", "--output_dir", str(tmp_path),
@@ -566,7 +565,7 @@ def test_cuda_asked_for_without_cuda_is_one_line(
     }[script]
     monkeypatch.chdir(tmp_path)
     Image.new("RGB", (8, 8)).save("a.png")
-    with pytest.raises(train.UsageError, match=r"^--device cuda: CUDA is not available here; "
+    with pytest.raises(UsageError, match=r"^--device cuda: CUDA is not available here; "
                        r"use --device cpu$"):  # fmt: skip
         module.main([*argv, "--device", "cuda"])
 

@@ -12,7 +12,9 @@ import train
 from tests.test_distributed import assert_same_weights
 from tests.test_train import SMALL
 from utils.training import memory
+from utils.training.learner import Learner
 from utils.training.run_files import TrainingState
+from utils.training.saving import Saver
 
 
 def run(tmp_path: Path, subset: Path, name: str, *extra: str) -> int:
@@ -58,8 +60,8 @@ def test_auto_accumulation_takes_the_fewest_micro_batches_that_fit(
         room["bytes"] = (step.needed(4) + step.needed(8)) // 2
         return step
 
-    monkeypatch.setattr(train, "measure_step", measured)
-    monkeypatch.setattr(train, "available_bytes", lambda device: room["bytes"])
+    monkeypatch.setattr(memory, "measure_step", measured)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: room["bytes"])
     steps = ["--num_steps", "3", "--eval_every", "3", "--warmup_steps", "1"]
     assert run(tmp_path, subset, "auto", *steps, "--gradient_accumulation_steps", "auto") == 0
     log = capfd.readouterr().err
@@ -118,17 +120,17 @@ def test_a_crash_after_save_every_loses_nothing(
     the run that was never interrupted (which did not recompute its blocks: the same result)."""
     steps = ["--num_steps", "6", "--eval_every", "6", "--warmup_steps", "1", "--save_every", "2"]
     assert run(tmp_path, subset, "straight", *steps) == 0
-    real = train.Saver.last
+    real = Saver.last
 
-    def save_then_crash(saver: train.Saver, r: train.Run) -> None:
+    def save_then_crash(saver: Saver, r: Learner) -> None:
         real(saver, r)
         if r.step == 4:
             raise Crash
 
-    monkeypatch.setattr(train.Saver, "last", save_then_crash)
+    monkeypatch.setattr(Saver, "last", save_then_crash)
     with pytest.raises(Crash):
         run(tmp_path, subset, "crashed", *steps, "--grad_checkpointing")
-    monkeypatch.setattr(train.Saver, "last", real)
+    monkeypatch.setattr(Saver, "last", real)
     assert last_state(tmp_path, "crashed").step == 4
     resumed = ["--resume", "auto", "--grad_checkpointing"]
     assert run(tmp_path, subset, "crashed", *steps, *resumed) == 0
@@ -139,8 +141,8 @@ def test_save_every_saves_at_its_steps(
     subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     saved_at = []
-    real = train.Saver.last
-    monkeypatch.setattr(train.Saver, "last", lambda s, r: saved_at.append(r.step) or real(s, r))
+    real = Saver.last
+    monkeypatch.setattr(Saver, "last", lambda s, r: saved_at.append(r.step) or real(s, r))
     steps = ["--num_steps", "7", "--eval_every", "6", "--warmup_steps", "1", "--save_every", "4"]
     assert run(tmp_path, subset, "every", *steps) == 0
     assert saved_at == [4, 6, 7]  # its own step, and every evaluation as without it

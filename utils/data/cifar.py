@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import UserError, one_line
+from models.errors import one_line
 from utils.data.download import ChecksumError, DownloadError, download_file
+from utils.data.errors import DataError
 from utils.files import share_as_usual
 
 
@@ -87,10 +88,6 @@ def archive_source(spec: CifarSpec) -> tuple[str, str]:
 
 
 IMAGE_SHAPE = (3, 32, 32)  # CHW, as stored in each row of the pickles
-
-
-class DataError(UserError):
-    """The data set is missing or malformed; the message is one line a user can act on."""
 
 
 @dataclass

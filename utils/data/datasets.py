@@ -16,7 +16,8 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from utils.data.augment import CifarDataset
-from utils.data.cifar import CIFAR, DataError, load_cifar
+from utils.data.cifar import CIFAR, load_cifar
+from utils.data.errors import DataError
 from utils.data.image_folder import ImageFolderDataset, scan_split, unreadable_images
 from utils.data.sampling import KeyedSubset, split_indices
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from utils.data.augment import CifarDataset, draw_boxes, normalize
-from utils.data.cifar import DataError
+from utils.data.errors import DataError
 from utils.data.sampling import to_device
 
 
@@ -137,7 +137,8 @@ class DeviceEvalBatches:
     """Evaluation batches of ``indices`` (in order) made on the device.
 
     An iterable of ``(images, labels)`` like a DataLoader over the evaluation CifarDataset, so
-    :func:`utils.training.engine.evaluate` takes either. The indices are copied to the device once.
+    :func:`utils.training.evaluation.evaluate` takes either. The indices are copied to the
+    device once.
     """
 
     def __init__(self, data: DeviceBatches, indices: Sequence[int], batch_size: int) -> None:

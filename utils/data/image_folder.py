@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from models.errors import one_line
 from utils.data.augment import AugmentedImages
-from utils.data.cifar import DataError
+from utils.data.errors import DataError
 
 log = logging.getLogger("vit")
 

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import load_resized
 from models.configs import CONFIGS, ConfigOverrideError, apply_overrides
 from models.errors import UsageError
-from models.families import make_model, resolution_problem
+from models.families import build_model
 from models.npz_io import CheckpointError, describe_keys
+from models.resize import load_resized
 from utils.data.class_names import CLASS_NAMES
 from utils.inspection.flag_hints import config_differences, fitting_flags
 from utils.training.device import resolve_device
@@ -178,16 +178,7 @@ def load_checkpoint_model(
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     flags = ModelFlags(model_type, list(config_overrides), img_size)
-    if model_type not in CONFIGS:
-        known = ", ".join(CONFIGS)
-        raise UsageError(f"unknown --model_type {model_type!r}; choose one of: {known}")
-    config = apply_overrides(CONFIGS[model_type], flags.config)
-    if problem := resolution_problem(config, img_size):
-        raise UsageError(problem)
-    try:
-        model = make_model(config, img_size, num_classes, vis=vis)
-    except ValueError as error:
-        raise UsageError(f"cannot build {model_type}: {error}") from None
+    model = build_model(model_type, flags.config, img_size, num_classes, vis=vis)
     trained = ckpt.trained_with()
     hint = (
         f"it was trained with {trained} (leave the model flags out to use those)"
@@ -202,7 +193,7 @@ def load_checkpoint_model(
             f"--checkpoint {ckpt.path} does not fit {flags}: {problems}; {hint}"
         ) from None
     saved = ckpt.trained_config()
-    if saved is not None and (differences := config_differences(saved, config)):
+    if saved is not None and (differences := config_differences(saved, model.config)):
         raise UsageError(
             f"--checkpoint {ckpt.path} was trained with {describe_keys(differences, 3)}; {hint}"
         )

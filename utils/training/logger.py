@@ -130,6 +130,10 @@ class Meter:
         """Leave evaluation and checkpointing out of the training throughput."""
         self.tick = time.perf_counter()
 
+    def elapsed(self) -> float:
+        """Seconds since the meter was made: the run's wall time."""
+        return time.perf_counter() - self.start
+
     @property
     def images_per_second(self) -> float:
         return self.images / max(self.train_time, 1e-9)

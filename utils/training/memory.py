@@ -12,13 +12,19 @@ images (their difference is the per-image part). Two figures come of them:
 - ``least``, what must exist when the forward pass ends (the momentum and every saved tensor),
   which no step can do without: only it may refuse a step before training, where no trial step
   is possible. ``tests/test_memory.py`` checks it against the peak RSS of real CPU steps.
+
+``StepToFit`` turns them into train.py's decisions: the micro-batches of ``auto`` (by trial steps
+on CUDA), and the advice an out-of-memory error gives. The bench's memory table searches with
+``largest_that_runs``, over the same ``fits_in_memory`` trials.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -26,6 +32,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from models.errors import UsageError
+from utils.training import distributed as dist
+from utils.training.precision import Precision
+
+log = logging.getLogger("vit")
 
 GIB = 2**30
 MARGIN = GIB  # allocator slack, data-loader workers, the CUDA context's growth
@@ -195,3 +207,135 @@ def fewest_micro_batches_that_run(batch: int, runs: Callable[[int], bool]) -> in
         if batch % n == 0 and runs(batch // n):
             return n
     return None
+
+
+def largest_that_runs(runs: Callable[[int], bool], multiple: int = 8) -> int:
+    """The largest multiple of ``multiple`` for which ``runs`` holds (doubling, then bisection),
+    assuming that what runs at a size runs at every smaller one; 0 if none does."""
+    low, high = 0, multiple
+    while runs(high):
+        low, high = high, high * 2
+    while high - low > multiple:
+        mid = (low + high) // 2 // multiple * multiple
+        low, high = (mid, high) if runs(mid) else (low, mid)
+    return low
+
+
+@dataclass
+class StepToFit:
+    """One process's training step, to fit in its device's memory: ``batch`` images (split into
+    micro-batches) of ``img_size`` px through ``model`` in ``precision``."""
+
+    model: nn.Module
+    model_type: str
+    img_size: int
+    batch: int
+    precision: Precision
+    grad_checkpointing: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.precision.device
+
+    def measure(self) -> StepMemory:
+        return measure_step(self.model, self.img_size, self.device, self.precision.autocast)
+
+    def fewest_micro_batches(self, step: StepMemory, resumed: int | None) -> int:
+        """``--gradient_accumulation_steps auto``: the fewest micro-batches that fit, by trial
+        steps on CUDA and from the estimate ``step`` elsewhere; a resumed run's own count while
+        it fits (the same sums in the same order). Every process takes the largest count any of
+        them needs, so that all run the same micro-batches."""
+        batch, started = self.batch, time.perf_counter()
+        if self.device.type == "cuda":
+            how = f"whose trial forward and backward passes ran on {self.device}"
+
+            def fits(micro: int) -> bool:
+                return trial_step_fits(
+                    self.model, micro, self.img_size, self.device, self.precision.autocast
+                )
+        else:
+            available = available_bytes(self.device)
+            how = f"that fit in the {available / GIB:.1f} GiB free, from the memory estimate"
+
+            def fits(micro: int) -> bool:
+                return step.needed(micro) <= available
+
+        if resumed is not None and batch % resumed == 0 and fits(batch // resumed):
+            n, why = resumed, "the resumed run's own"
+        else:
+            n = fewest_micro_batches_that_run(batch, fits)
+            why = f"the fewest {how}" if n else f"none fits ({how}): one image at a time"
+        n = max(dist.gather_objects(n or batch))
+        log.info(
+            "--gradient_accumulation_steps auto: %d micro-batch%s of %d images, %s; a step of %d "
+            "needs about %.1f GiB by the estimate (%.1f s)",
+            n, "es" if n > 1 else "", batch // n, why, batch // n, step.needed(batch // n) / GIB,
+            time.perf_counter() - started,
+        )  # fmt: skip
+        return n
+
+    def advice(
+        self, step: StepMemory, micro_batches: int, auto: bool, switches: bool = True
+    ) -> str:
+        """What an out-of-memory error in a step will say. Refuse the step now only where no
+        trial step can say (off CUDA, where running out of memory kills the process) and only
+        when even the least it needs, ``StepMemory.least``, exceeds the free memory; on CUDA
+        what runs decides, and an estimate that says no is a warning. With ``switches``, where
+        not even one image fits, the flags that would make it fit are measured and named."""
+        available = available_bytes(self.device)
+        batch, accum = self.batch, micro_batches
+        micro = batch // accum
+        needed = step.needed(micro)
+        fewest = step.fewest_micro_batches(batch, available)
+        fixes, n = [], fewest
+        if n is not None and n <= accum:  # for an OOM the estimate missed
+            n = next((d for d in range(accum + 1, batch + 1) if batch % d == 0), None)
+        if n is not None:
+            fixes.append(
+                f"--gradient_accumulation_steps {n} (micro-batches of {batch // n}, about "
+                f"{step.needed(batch // n) / GIB:.1f} GiB; the same global batch)"
+            )
+        if not auto:
+            fixes.append("--gradient_accumulation_steps auto")
+        if fewest is None and switches:  # not even one image at a time fits
+            fixes += self.switches_that_fit(available)
+        advice = (
+            f"a step of {micro} images of {self.img_size} px ({self.model_type}, "
+            f"{self.precision.name}) needs about {needed / GIB:.1f} GiB, and "
+            f"{available / GIB:.1f} GiB of {self.device.type} memory are free; use "
+            + ", or ".join(fixes)
+        )
+        cannot = self.device.type != "cuda" and step.least(micro) > available
+        if dist.any_rank(cannot):
+            raise UsageError(advice)
+        if needed > available:
+            log.warning("the memory estimate says this may not fit (%s); trying it", advice)
+        return advice
+
+    def switches_that_fit(self, available: int) -> list[str]:
+        """Where no micro-batch fits: ``--grad_checkpointing`` and/or ``--precision bf16``, each
+        with the micro-batches it needs, measured as the run's own step was; only those that
+        fit."""
+        batch, found, own = self.batch, [], (self.grad_checkpointing, self.precision.name)
+        names = {own[1], "bf16" if own[1] == "fp32" else own[1]}
+        for checkpointing, name in sorted((c, p) for c in {own[0], True} for p in names):
+            if (checkpointing, name) == own:
+                continue
+            self.model.set_grad_checkpointing(checkpointing)
+            autocast = Precision(name, self.device, 0).autocast
+            step = measure_step(self.model, self.img_size, self.device, autocast)
+            if n := step.fewest_micro_batches(batch, available):
+                switches = " ".join(
+                    ([] if checkpointing == own[0] else ["--grad_checkpointing"])
+                    + ([] if name == own[1] else [f"--precision {name}"])
+                )
+                found.append(
+                    f"{switches} --gradient_accumulation_steps {n} (micro-batches of "
+                    f"{batch // n}, about {step.needed(batch // n) / GIB:.1f} GiB)"
+                )
+        self.model.set_grad_checkpointing(own[0])
+        if not found:
+            found.append(
+                "a smaller --img_size or --model_type: no flag of this run makes one image fit"
+            )
+        return found

@@ -372,12 +372,16 @@ class RunFiles:
             return None
         if choice == "auto":
             return self.last if self.last.exists() else None
+        if problem := self.resume_problem(choice):
+            raise UsageError(problem)
+        return Path(choice).absolute()
+
+    def resume_problem(self, choice: str | None) -> str | None:
+        """Why ``--resume`` names no file to continue from, or None."""
+        if choice in (None, "auto") or Path(choice).is_file():
+            return None
         path = Path(choice).absolute()
-        if not path.is_file():
-            raise UsageError(
-                f"--resume {path}: no such file (use 'auto' to resume {self.last} if present)"
-            )
-        return path
+        return f"--resume {path}: no such file (use 'auto' to resume {self.last} if present)"
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

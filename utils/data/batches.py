@@ -1,0 +1,79 @@
+"""A run's batches: training batches in the global order from a step on, and each process's
+share of the evaluation sets, made on the device (``--data_on_device``) or by DataLoader
+workers."""
+
+from __future__ import annotations
+
+import logging
+
+from utils.data.datasets import RunData
+from utils.data.device_batches import DeviceBatches, DeviceCopies, use_device_data
+from utils.data.loader import evaluation_batches
+from utils.data.loader import make_loader as worker_loader
+from utils.data.sampling import GlobalBatchSampler, shard_indices, unwrap_subset
+from utils.training import distributed as dist
+
+log = logging.getLogger("vit")
+
+
+class BatchSource:
+    """The run's batches: training batches in the global order from ``step`` on, and the
+    evaluation batches of the selection set (and, at the end, of the test set), made on the
+    device (``--data_on_device``) or by DataLoader workers."""
+
+    def __init__(
+        self,
+        data: RunData,
+        ctx: dist.Context,
+        global_batch: int,
+        step: int,
+        *,
+        seed: int,
+        data_on_device: str,
+        num_workers: int,
+        eval_batch_size: int,
+    ) -> None:
+        self.ctx, self.seed, self.num_workers = ctx, seed, num_workers
+        self.eval_batch_size, self.test_set = eval_batch_size, data.test
+        sets = [unwrap_subset(d)[0] for d in (data.train, data.select, data.test) if d]
+        on_device = use_device_data(data_on_device, sets, ctx.device)
+        # the device copies of the run's images, shared by sets that share them; None: workers
+        self.copies = DeviceCopies(ctx.device) if on_device else None
+        sampler = GlobalBatchSampler(
+            len(data.train), global_batch, ctx.rank, ctx.world_size, seed, step
+        )
+        self.next_batch = self.training_batches(data.train, sampler)
+        self.select = self.eval_batches(data.select)
+
+    def training_batches(self, train_set, sampler: GlobalBatchSampler):
+        """A function returning the next (images, labels) on the device. On the device path a
+        batch is made there from its keys alone (``utils.data.device_batches``): no workers, no
+        host work per image; otherwise workers decode and transform every image."""
+        device = self.ctx.device
+        if self.copies is None:
+            loader = worker_loader(
+                train_set, self.num_workers, device, self.seed, batch_sampler=sampler
+            )
+            batches = iter(loader)
+
+            def next_batch():
+                x, y = next(batches)
+                return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+            return next_batch
+        base, indices = unwrap_subset(train_set)
+        device_data = DeviceBatches.from_dataset(base, device, self.copies)
+        keys = sampler.device_keys(device, indices)
+        log.info("data on %s: %d images, batches made there", device, len(device_data))
+        return lambda: device_data.train_batch(next(keys))
+
+    def eval_batches(self, dataset):
+        """This process's share of ``dataset``: every image is scored exactly once in all."""
+        share = shard_indices(len(dataset), self.ctx.rank, self.ctx.world_size)
+        return evaluation_batches(
+            dataset, share, self.eval_batch_size, self.num_workers, self.ctx.device, self.copies
+        )
+
+    def test(self):
+        """The test set's batches, or None when the selection set is the test set."""
+        return self.test_set and self.eval_batches(self.test_set)

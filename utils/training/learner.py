@@ -1,0 +1,122 @@
+"""The model under training with its optimizer, loss scaler and learning rate, and where the run
+stands: what the loop advances, what a training state saves and what a resume restores."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from models.errors import UsageError, one_line
+from utils.training import distributed as dist
+from utils.training.optimizer import LearningRate
+from utils.training.rng import set_rng_state
+from utils.training.run_files import TrainingState, all_finite
+
+log = logging.getLogger("vit")
+
+
+@dataclass
+class Learner:
+    """What the loop advances and a training state restores."""
+
+    model: torch.nn.Module  # a ViT or a Mixer, as built
+    trained: torch.nn.Module  # what the step calls: ``model``, under DDP and/or compiled
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lr: LearningRate
+    step: int = 0  # optimizer updates done
+    best_acc: float = 0.0
+    best_step: int = 0
+    last_acc: float = float("nan")
+
+    def restore(self, state: TrainingState, ctx: dist.Context, seed: int) -> None:
+        """Go on where ``state`` stopped: weights, momentum, loss scale, step, RNG."""
+        try:
+            self.model.load_state_dict(state.model)
+            self.optimizer.load_state_dict(state.optimizer)
+            self.scaler.load_state_dict(state.scaler)
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise UsageError(
+                f"the training state does not fit the model it records ({one_line(error)}); "
+                "resume from another file, or start again with --overwrite"
+            ) from None
+        self.step, self.best_acc, self.best_step = state.step, state.best_acc, state.best_step
+        if len(state.rng) == ctx.world_size:
+            set_rng_state(state.rng[ctx.rank])
+        else:  # the data stream depends on the global batch alone; dropout on each process
+            torch.manual_seed(seed + ctx.rank + 1_000_003 * state.step)
+            if ctx.is_main:
+                log.warning(
+                    "resumed on %d process(es), saved on %d: the data order and augmentation "
+                    "go on exactly as saved; each process's dropout draws start afresh (from "
+                    "--seed and the step), so the steps differ from an uninterrupted run's",
+                    ctx.world_size, len(state.rng),
+                )  # fmt: skip
+
+    def state(
+        self, rngs: list, flags: dict[str, Any], classes: list[str], start: str
+    ) -> TrainingState:
+        """The training state to save: ``rngs`` of every process, ``flags`` as the run used
+        them."""
+        return TrainingState(
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler={"last_epoch": self.step},  # the field earlier files' LambdaLR filled
+            scaler=self.scaler.state_dict(),
+            step=self.step,
+            global_batch=flags["train_batch_size"] * len(rngs),
+            best_acc=self.best_acc,
+            best_step=self.best_step,
+            rng=rngs,
+            args=flags,
+            config=self.model.config.to_dict(),
+            classes=classes,
+            start=start,
+            schedule=list(self.lr.ends),
+        )
+
+
+def for_training(model: torch.nn.Module, ctx: dist.Context, compile: bool) -> torch.nn.Module:
+    """``model`` as the step calls it: under DDP across processes, then compiled if asked, DDP
+    inside, so that its all-reduce overlaps the compiled backward."""
+    trained = model
+    if ctx.distributed:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        trained = DDP(model, device_ids=device_ids)
+    return torch.compile(trained) if compile else trained
+
+
+def state_to_resume(
+    path: Path | None, flags: dict[str, Any], global_batch: int
+) -> TrainingState | None:
+    """The training state at ``path`` (``--resume``), checked to continue the run that
+    ``flags`` describe (``num_steps`` as derived); None for no path."""
+    if path is None:
+        return None
+    state = TrainingState.read(path)
+    if reason := state.refusal(flags, global_batch):
+        raise UsageError(f"--resume {path} {reason}")
+    if not all_finite(state.model):
+        raise UsageError(
+            f"--resume {path} holds non-finite weights (NaN or infinity): an earlier version "
+            "saved them after the loss diverged; start again with a lower --learning_rate and "
+            "--overwrite"
+        )
+    end, steps = state.ends[-1], flags["num_steps"]
+    if steps > end:
+        log.info(
+            "resumed from %s at step %d; %s, then steps %d to %d warm up again over %d steps "
+            "and decay (%s) to zero at step %d",
+            path, state.step,
+            f"its run of {end} steps was finished" if state.step == end
+            else f"its schedule ends at step {end}",
+            end + 1, steps, flags["warmup_steps"], flags["decay_type"], steps,
+        )  # fmt: skip
+    else:
+        log.info("resumed from %s at step %d", path, state.step)
+    return state
