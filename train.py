@@ -26,10 +26,12 @@ from models.families import build_model
 from utils.cli import run_main
 from utils.data.batches import BatchSource
 from utils.data.cifar import CIFAR, ensure_cifar
-from utils.data.datasets import RunData, build_datasets
+from utils.data.datasets import DataSplits, build_datasets
 from utils.files import FoldersMade
 from utils.inspection.figures import log_eval_images
-from utils.training import distributed as dist
+from utils.runtime import distributed as dist
+from utils.runtime.rng import rng_state, set_rng_state
+from utils.runtime.signals import StopRequest
 from utils.training import update
 from utils.training.evaluation import evaluate
 from utils.training.flags import as_run_used, parse_flags, total_steps
@@ -38,10 +40,8 @@ from utils.training.logger import Meter, Reporter, remove_events, setup_logging
 from utils.training.memory import StepToFit
 from utils.training.optimizer import LearningRate, build_optimizer, set_learning_rate
 from utils.training.precision import Precision
-from utils.training.rng import rng_state, set_rng_state
 from utils.training.run_files import RunFiles, TrainingState, precision_of, read_weights
 from utils.training.saving import Saver
-from utils.training.signals import StopRequest
 from utils.training.starting_weights import StartingWeights
 
 log = logging.getLogger("vit")
@@ -119,7 +119,7 @@ class Training:
 
     learner: Learner
     batches: BatchSource
-    data: RunData
+    data: DataSplits
     precision: Precision
     saver: Saver
     reporter: Reporter
@@ -180,7 +180,7 @@ def set_up(
                     num_steps, micro_batches, out_of_memory)  # fmt: skip
 
 
-def load_data(args: argparse.Namespace, ctx: dist.Context, global_batch: int) -> RunData:
+def load_data(args: argparse.Namespace, ctx: dist.Context, global_batch: int) -> DataSplits:
     """The run's three sets; CIFAR is downloaded once per disk, while the other processes
     wait."""
     if args.dataset in CIFAR:
@@ -243,7 +243,7 @@ def build_learner(
 def open_reports(
     flags: dict[str, Any],
     ctx: dist.Context,
-    data: RunData,
+    data: DataSplits,
     global_batch: int,
     precision: Precision,
     events: Path,

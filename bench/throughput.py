@@ -50,7 +50,7 @@ from utils.data.augment import CifarDataset, draw_boxes
 from utils.data.cifar import CifarArrays
 from utils.data.device_batches import DeviceBatches
 from utils.data.sampling import GlobalBatchSampler
-from utils.training.device import resolve_device
+from utils.runtime.device import resolve_device
 from utils.training.memory import (
     BACKWARD,
     GIB,

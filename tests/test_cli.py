@@ -195,7 +195,7 @@ def test_an_interrupt_kills_the_workers_a_cut_short_shutdown_leaves(capsys, sigi
     for them forever when a Ctrl-C cut the DataLoader's own shutdown short."""
     from torch.utils.data import DataLoader
 
-    from utils.training.signals import ignore_stop_signals
+    from utils.runtime.signals import ignore_stop_signals
 
     kept = []
 
@@ -336,3 +336,18 @@ def test_num_epochs_after_a_recipe_overrides_its_num_steps_and_the_later_one_cou
     assert (args.num_epochs, args.num_steps) == (None, 700)
     help_text = " ".join(parser.format_help().split())
     assert "the one typed last counts" in help_text
+
+
+def test_train_flags_are_final_once_parsed_and_derived_values_stand_beside_them() -> None:
+    """Nothing changes the parsed namespace (train.main runs on it in every training test);
+    --num_epochs in steps and auto's count are recorded beside the flags, as the files show."""
+    args = train_flags.parse_flags(["--name", "r", "--num_epochs", "2", "--warmup_steps", "3"])
+    assert (args.num_steps, args.num_epochs, args.gradient_accumulation_steps) == (None, 2, "auto")
+    with pytest.raises(AttributeError, match="final once parsed; derive num_steps"):
+        args.num_steps = 5
+    steps = train_flags.total_steps(args, train_images=1000, global_batch=64)
+    assert steps == 2 * 1000 // 64 == 31
+    recorded = train_flags.as_run_used(args, steps, 4)
+    assert (recorded["num_steps"], recorded["gradient_accumulation_steps"]) == (31, 4)
+    assert (args.num_steps, args.gradient_accumulation_steps) == (None, "auto")
+    assert train_flags.parse_flags(["--name", "r"]).num_steps == train_flags.DEFAULT_STEPS

@@ -8,7 +8,7 @@ import pytest
 import train
 from models.configs import CONFIGS, ConfigOverrideError, apply_overrides, check_config, flat_fields
 from utils.cli import run_main
-from utils.training import distributed as dist
+from utils.runtime import distributed as dist
 
 BAD = [
     ("testing", "hidden_size=0", "hidden_size=0: must be a positive integer"),

@@ -20,7 +20,7 @@ import torch
 import train
 from models.errors import UsageError
 from tests.test_train import SMALL, closed_port, run_cli
-from utils.training import distributed as dist
+from utils.runtime import distributed as dist
 from utils.training import learner as learner_module
 from utils.training import update
 

@@ -21,7 +21,7 @@ from models.errors import UsageError
 from models.families import build_model
 from models.npz_io import CheckpointError
 from tests.test_train import SMALL
-from utils.training import distributed as dist
+from utils.runtime import distributed as dist
 from utils.training import flags as train_flags
 from utils.training import memory, update
 from utils.training.learner import Learner

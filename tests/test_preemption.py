@@ -252,7 +252,7 @@ def test_a_workers_resource_sharer_hung_up_on_prints_no_traceback() -> None:
     the worker's sharing thread then has its connection reset, which is no error to report."""
     import threading
 
-    from utils.training.signals import _quiet_hang_up
+    from utils.runtime.signals import _quiet_hang_up
 
     def thread_failure(filename: str, error: type[BaseException]) -> threading.ExceptHookArgs:
         namespace: dict = {}

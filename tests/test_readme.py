@@ -40,7 +40,7 @@ from utils.training import memory
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = ("training.md", "inspect.md", "models.md", "flags.md", "PERFORMANCE.md")
+DOCS = ("training.md", "inspect.md", "models.md", "flags.md", "PERFORMANCE.md", "architecture.md")
 PAGES = [REPO / "README.md", *(REPO / "docs" / page for page in DOCS)]
 LINKED = ("train.py", "evaluate.py", "predict.py", "visualize_attention.py", "export.py",
           "models", "utils", "bench", "requirements.txt", "requirements-dev.txt")  # fmt: skip

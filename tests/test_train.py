@@ -390,7 +390,7 @@ def test_evaluation_batches_on_the_device_are_the_workers(subset: Path) -> None:
     device copy."""
     from utils.data.datasets import build_datasets
     from utils.data.device_batches import DeviceEvalBatches
-    from utils.training.distributed import Context
+    from utils.runtime.distributed import Context
 
     data = build_datasets("cifar10", subset, 40, seed=3, val_split=0.1, hflip=True)
 

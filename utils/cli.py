@@ -217,7 +217,7 @@ def run_main(main: Callable[[], int], prog: str) -> None:
 
 def _end_daemonic_children() -> None:
     """Kill what a Ctrl-C may have left of a DataLoader whose shutdown it cut short: workers that
-    ignore SIGTERM (utils/training/signals.py), which multiprocessing's exit, terminating its
+    ignore SIGTERM (utils/runtime/signals.py), which multiprocessing's exit, terminating its
     daemonic children and then waiting for them, would wait for forever."""
     children = [child for child in multiprocessing.active_children() if child.daemon]
     if children:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import logging
 
-from utils.data.datasets import RunData
+from utils.data.datasets import DataSplits
 from utils.data.device_batches import DeviceBatches, DeviceCopies, use_device_data
 from utils.data.loader import evaluation_batches
 from utils.data.loader import make_loader as worker_loader
 from utils.data.sampling import GlobalBatchSampler, shard_indices, unwrap_subset
-from utils.training import distributed as dist
+from utils.runtime import distributed as dist
 
 log = logging.getLogger("vit")
 
@@ -23,7 +23,7 @@ class BatchSource:
 
     def __init__(
         self,
-        data: RunData,
+        data: DataSplits,
         ctx: dist.Context,
         global_batch: int,
         step: int,

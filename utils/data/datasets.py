@@ -25,7 +25,9 @@ DATASETS = (*CIFAR, "imagefolder")
 
 
 @dataclass
-class RunData:
+class DataSplits:
+    """A run's three sets (two where the test set also selects) and their class names."""
+
     train: Dataset  # augmented, keyed by (index, epoch)
     select: Dataset  # scored every --eval_every steps; the best checkpoint is chosen on it
     test: Dataset | None  # scored once at the end, when ``select`` is a validation split
@@ -81,7 +83,7 @@ def held_out(n: int, val_split: float, seed: int) -> tuple[list[int], list[int]]
 
 def build_datasets(
     name: str, data_dir: str | Path, img_size: int, seed: int, val_split: float, hflip: bool
-) -> RunData:
+) -> DataSplits:
     root = Path(data_dir)
     if name == "imagefolder":
         train_split = scan_split(root / "train")
@@ -98,10 +100,10 @@ def build_datasets(
             train.stand_ins_within(train_idx)
             plain.stand_ins_within(val_idx)
         select = KeyedSubset(plain, val_idx)
-        return RunData(KeyedSubset(train, train_idx), select, test, classes, "val")
+        return DataSplits(KeyedSubset(train, train_idx), select, test, classes, "val")
     if test is None:
         raise DataError(
             f"{root} has no val/ folder to evaluate on: add {root}/val/<class>/<images> "
             "or hold out part of train/ with --val_split 0.1"
         )
-    return RunData(train, test, None, classes, "val" if name == "imagefolder" else "test")
+    return DataSplits(train, test, None, classes, "val" if name == "imagefolder" else "test")

@@ -1,5 +1,5 @@
 """Where batches come from: DataLoader workers that survive a signal sent to the whole job (see
-utils.training.signals), or the device itself (utils.data.device_batches)."""
+utils.runtime.signals), or the device itself (utils.data.device_batches)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from utils.data.device_batches import DeviceBatches, DeviceCopies, DeviceEvalBatches
 from utils.data.sampling import unwrap_subset
-from utils.training.signals import ignore_stop_signals, stop_signals_blocked
+from utils.runtime.signals import ignore_stop_signals, stop_signals_blocked
 
 
 class WorkerLoader(DataLoader):

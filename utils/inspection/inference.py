@@ -31,7 +31,7 @@ from models.npz_io import CheckpointError, describe_keys
 from models.resize import load_resized
 from utils.data.class_names import CLASS_NAMES
 from utils.inspection.flag_hints import config_differences, fitting_flags
-from utils.training.device import resolve_device
+from utils.runtime.device import resolve_device
 from utils.training.run_files import read_weights
 
 _HEAD = "head.weight"

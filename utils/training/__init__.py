@@ -1,2 +1,2 @@
-"""What every training process runs: the step and the evaluation, precision, processes, schedule,
-signals, reporting, memory estimate and the run's files."""
+"""One training run: its flags, starting weights, memory fit, learner, optimizer, update,
+evaluation, saving, files, precision and reporting (docs/architecture.md)."""

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.training import distributed as dist
+from utils.runtime import distributed as dist
 from utils.training.precision import Precision
 
 

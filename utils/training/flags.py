@@ -28,13 +28,24 @@ torchrun --nproc_per_node=8 train.py --name cifar10-100_500 --model_type ViT-B_1
 DEFAULT_STEPS = 10000  # when neither --num_steps nor --num_epochs is given
 
 
-def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
+class FinalFlags(argparse.Namespace):
+    """Parsed and checked flags, which nothing may change: a value derived from them lives
+    beside them (``as_run_used``), so that what the user typed stays what the code reads."""
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"the flags are final once parsed; derive {name} instead")
+
+
+def parse_flags(argv: list[str] | None = None) -> FinalFlags:
     """The flags of ``argv`` (the command line when None), checked: one-line errors, exit 2."""
     args = build_parser().parse_args(argv)
     if args.num_steps is None and args.num_epochs is None:
         args.num_steps = DEFAULT_STEPS
     check_args(args)
-    return args
+    return FinalFlags(**vars(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,9 +12,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models.errors import UsageError, one_line
-from utils.training import distributed as dist
+from utils.runtime import distributed as dist
+from utils.runtime.rng import set_rng_state
 from utils.training.optimizer import LearningRate
-from utils.training.rng import set_rng_state
 from utils.training.run_files import TrainingState, all_finite
 
 log = logging.getLogger("vit")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from utils.training import distributed as dist
+from utils.runtime import distributed as dist
 
 log = logging.getLogger("vit")
 

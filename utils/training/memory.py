@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from models.errors import UsageError
-from utils.training import distributed as dist
+from utils.runtime import distributed as dist
 from utils.training.precision import Precision
 
 log = logging.getLogger("vit")

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import UsageError
-from utils.training import distributed as dist
+from utils.runtime import distributed as dist
+from utils.runtime.rng import rng_state
 from utils.training.learner import Learner
 from utils.training.logger import Meter, Reporter
-from utils.training.rng import rng_state
 from utils.training.run_files import RunFiles, all_finite, write_error
 
 log = logging.getLogger("vit")

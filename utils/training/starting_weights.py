@@ -32,7 +32,7 @@ from models.pretrained import (
 )
 from models.resize import load_resized
 from utils.data.download import DownloadError, download_file
-from utils.training import distributed as dist
+from utils.runtime import distributed as dist
 from utils.training.run_files import read_weights
 
 log = logging.getLogger("vit")

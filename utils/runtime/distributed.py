@@ -23,7 +23,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from utils.training.device import resolve_device
+from utils.runtime.device import resolve_device
 
 T = TypeVar("T")
 _host_group = None  # a gloo group beside an NCCL one; None: the default group is gloo already

@@ -1,0 +1,1 @@
+"""One process: its peers in the process group, its device, its signals, its RNG state."""
