@@ -58,6 +58,7 @@ from utils.training.memory import (
     largest_that_runs,
     measure_step,
 )
+from utils.training.optimizer import build_optimizer, set_learning_rate
 from utils.training.precision import Precision
 
 NO_DROPOUT = ["transformer.dropout_rate=0", "transformer.attention_dropout_rate=0"]
@@ -291,8 +292,9 @@ class TrainStep:
     ) -> None:
         self.peer, self.setup, self.next_batch = peer, setup, next_batch
         self.batch_bytes = batch_bytes  # of input data kept on the device between steps
-        # fused on every device, as train.py uses it
-        self.optimizer = torch.optim.SGD(peer.model.parameters(), lr=1e-3, momentum=0.9, fused=True)
+        # train.py's own optimizer (fused SGD with momentum, not fused under fp16)
+        self.optimizer = build_optimizer(peer.model, 0.0, fp16=setup.precision == "fp16")
+        set_learning_rate(self.optimizer, 1e-3)
         self.scaler = torch.amp.GradScaler(setup.device.type, enabled=setup.dtype == torch.float16)
 
     def __call__(self) -> None:
