@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import multiprocessing
 import os
 import shlex
@@ -23,6 +24,7 @@ from pathlib import Path
 from models.configs import CONFIGS
 from models.errors import UserError
 from utils.data.datasets import DATASETS
+from utils.runtime import distributed as dist
 
 GRAMMAR = """\
 Every --flag_name is also accepted as --flag-name. @FILE reads flags from FILE, as many to a line
@@ -183,6 +185,7 @@ def run_main(main: Callable[[], int], prog: str) -> None:
     """
     interrupts: list[str] = []  # their texts: what the code that stopped knows of the files
     previous_hook = sys.unraisablehook
+    was_in_a_group = dist.joined_a_group()  # by an earlier main() of this process (tests)
 
     def unraisable(info) -> None:
         if isinstance(info.exc_value, KeyboardInterrupt):
@@ -212,6 +215,15 @@ def run_main(main: Callable[[], int], prog: str) -> None:
         said = next((text for text in interrupts if text), "")
         print(f"{prog}: interrupted" + (f": {said}" if said else ""), file=sys.stderr)
         code = code if isinstance(code, int) and code > 128 else INTERRUPTED
+    if dist.joined_a_group() and not was_in_a_group:
+        # Its work is done and written, and the group left: end here, without the interpreter's
+        # finalisation, in which gloo's C++ threads can still abort a finished rank (SIGABRT,
+        # which torchrun reports as the job's failure).
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(ValueError, OSError):  # closed by a broken pipe
+                stream.flush()
+        os._exit(code if isinstance(code, int) else 0 if code is None else 1)
     sys.exit(code)
 
 
