@@ -286,6 +286,8 @@ def total_steps(args: argparse.Namespace, train_images: int, global_batch: int) 
     return steps
 
 
-def as_run_used(args: argparse.Namespace, num_steps: int, micro_batches: int) -> dict[str, Any]:
+def as_run_used(
+    args: argparse.Namespace, num_steps: int, micro_batches: int | str
+) -> dict[str, Any]:
     """The flags with the values the run derived from them: what its files record."""
     return {**vars(args), "num_steps": num_steps, "gradient_accumulation_steps": micro_batches}
