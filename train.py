@@ -125,9 +125,7 @@ class Training:
     reporter: Reporter
     meter: Meter
     ctx: dist.Context
-    flags: dict[str, Any]  # the flags as the run uses them (``flags.as_run_used``)
-    num_steps: int
-    micro_batches: int
+    flags: dict[str, Any]  # as the run uses them, num_steps and micro-batches included
     out_of_memory: str  # what an out-of-memory error in a step says (``StepToFit.advice``)
 
 
@@ -145,8 +143,12 @@ def set_up(
     data = load_data(args, ctx, global_batch)
     num_steps = total_steps(args, len(data.train), global_batch)
     flags = as_run_used(args, num_steps, args.gradient_accumulation_steps)
-    resume = lambda: state_to_resume(files.resume_from(args.resume), flags, global_batch)
-    state = dist.from_main(resume, ctx)
+
+    def resume() -> tuple[Path | None, TrainingState | None]:  # rank 0's file, for every rank
+        path = files.resume_from(args.resume)
+        return path, state_to_resume(path, flags, global_batch)
+
+    resumed_from, state = dist.from_main(resume, ctx)
     start = weights.words if state is None else (state.start or weights.words)
     log.info(start if state is None else f"resuming a run that began {start}")
 
@@ -174,10 +176,11 @@ def set_up(
     reporter = open_reports(flags, ctx, data, global_batch, precision, events, start, learner)
     saver = Saver(files, flags, data.classes, start, ctx, check_loss=precision.name != "fp16")
     if state is not None:
-        saver.kept = (files.resume_from(args.resume), state.step)
+        saver.kept = (resumed_from, state.step)
     meter = Meter(global_batch, ctx.world_size)
-    return Training(learner, batches, data, precision, saver, reporter, meter, ctx, flags,
-                    num_steps, micro_batches, out_of_memory)  # fmt: skip
+    return Training(
+        learner, batches, data, precision, saver, reporter, meter, ctx, flags, out_of_memory
+    )
 
 
 def load_data(args: argparse.Namespace, ctx: dist.Context, global_batch: int) -> DataSplits:
@@ -270,13 +273,13 @@ def open_reports(
 def train_loop(run: Training, stop: StopRequest) -> int:
     """Step until the last step: evaluate and save every --eval_every steps, save every
     --save_every, log every --log_every; a stop request saves the last whole step and ends."""
-    learner, meter, saver, every = run.learner, run.meter, run.saver, run.flags
+    learner, meter, saver, flags = run.learner, run.meter, run.saver, run.flags
     first_step = learner.step + 1
     # Asked before every micro-batch. Under DDP every process gets the same answer at the same
     # point (a host all-reduce: it waits for no device); in one process it is the flag.
     stop_asked = lambda: dist.any_rank(stop.signum is not None)
     learner.model.train()
-    while learner.step < run.num_steps:
+    while learner.step < flags["num_steps"]:
         batch = run.batches.next_batch()
         if stop_asked():  # asked during the last step, its evaluation or save, or this batch
             signum = stop.signum or signal.SIGTERM
@@ -285,11 +288,11 @@ def train_loop(run: Training, stop: StopRequest) -> int:
             signum = stop.signum or signal.SIGTERM
             return saver.on_stop(learner, meter, run.reporter, signum, abandoned=True)
         step = learner.step
-        evaluate_now = step % every["eval_every"] == 0 or step == run.num_steps
-        save_now = not evaluate_now and every["save_every"] and step % every["save_every"] == 0
+        evaluate_now = step % flags["eval_every"] == 0 or step == flags["num_steps"]
+        save_now = not evaluate_now and flags["save_every"] and step % flags["save_every"] == 0
         if step == first_step and not evaluate_now:
             meter.flush(run.reporter, timed=False)  # warm-up (and compilation) is not throughput
-        elif step % every["log_every"] == 0 or evaluate_now or save_now:
+        elif step % flags["log_every"] == 0 or evaluate_now or save_now:
             meter.flush(run.reporter)
         saver.check_losses(meter)  # the first step's, and before any save
         if evaluate_now:
@@ -309,11 +312,12 @@ def one_step(run: Training, batch: tuple[torch.Tensor, torch.Tensor], stop_asked
     learner = run.learner
     lr = learner.lr.at(learner.step + 1)
     set_learning_rate(learner.optimizer, lr)
-    rng = rng_state() if run.micro_batches > 1 else None  # dropout draws before an abandon
+    micro_batches = run.flags["gradient_accumulation_steps"]
+    rng = rng_state() if micro_batches > 1 else None  # dropout draws before an abandon
     try:
         done = update.train_step(
             learner.trained, batch, learner.optimizer, learner.scaler, run.precision,
-            run.micro_batches, run.flags["max_grad_norm"], stop_asked,
+            micro_batches, run.flags["max_grad_norm"], stop_asked,
         )  # fmt: skip
     except torch.OutOfMemoryError:
         raise UsageError(f"out of memory in step {learner.step + 1}: {run.out_of_memory}") from None

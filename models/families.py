@@ -28,16 +28,25 @@ def build_model(
 ) -> VisionTransformer | MlpMixer:
     """The model of ``--model_type`` with ``--config KEY=VALUE`` overrides at ``img_size``: a
     type, a field or a size that builds no model is a one-line UserError."""
+    config = checked_config(model_type, overrides, img_size)
+    try:
+        return make_model(config, img_size, num_classes, zero_head=zero_head, vis=vis)
+    except ValueError as error:
+        raise UsageError(f"cannot build {model_type}: {error}") from None
+
+
+def checked_config(
+    model_type: str, overrides: list[str], img_size: int
+) -> ml_collections.ConfigDict:
+    """The config of ``--model_type`` with its overrides, refused in one line (a UserError) where
+    a type, a field or the image size fits no model; what train.py checks before anything runs."""
     if model_type not in CONFIGS:
         known = ", ".join(CONFIGS)
         raise UsageError(f"unknown --model_type {model_type!r}; choose one of: {known}")
     config = apply_overrides(CONFIGS[model_type], overrides)
     if problem := resolution_problem(config, img_size):
         raise UsageError(problem)
-    try:
-        return make_model(config, img_size, num_classes, zero_head=zero_head, vis=vis)
-    except ValueError as error:
-        raise UsageError(f"cannot build {model_type}: {error}") from None
+    return config
 
 
 def make_model(

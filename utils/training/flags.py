@@ -13,9 +13,8 @@ import logging
 import os
 from typing import Any
 
-from models.configs import CONFIGS, apply_overrides
 from models.errors import UsageError
-from models.families import resolution_problem
+from models.families import checked_config
 from utils.cli import Parser, StoreOverriding, add_data_on_device_arg, add_model_args
 from utils.data.datasets import DATASETS
 
@@ -242,9 +241,7 @@ def check_args(args: argparse.Namespace) -> None:
             f"--name {args.name!r} is not a plain file name; it names files in --output_dir "
             "and a folder in --logdir (pick those folders with those flags)"
         )
-    config = apply_overrides(CONFIGS[args.model_type], args.config)  # a typo fails now
-    if problem := resolution_problem(config, args.img_size):
-        raise UsageError(problem)
+    checked_config(args.model_type, args.config, args.img_size)  # a typo fails now
     if args.overwrite and args.resume is not None:
         raise UsageError("--overwrite starts afresh and --resume continues; pass one of them")
     if args.fp16 and args.precision not in (None, "fp16"):
