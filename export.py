@@ -4,7 +4,8 @@ python export.py --checkpoint output/cifar10-100_500_checkpoint.bin --output mod
 
 The model flags default to those recorded with the checkpoint (the .json beside a .bin, or inside
 a _last.pt); a bare .bin of the reference implementation needs them on the command line. An
---img_size other than the training one resizes the position embedding first.
+--img_size other than the training one resizes the position embedding first. A .npz records no
+GELU: an exported model whose GELU is not Google's (tanh) is named as such in one more line.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         raise UsageError(f"--output {output} cannot be written ({error.strerror})") from None
     print(f"wrote {output}: {loaded.flags}, {len(loaded.classes)} classes, {len(arrays)} arrays")
+    if loaded.model.config.gelu != "tanh":  # Google's; a .npz cannot say otherwise
+        print(
+            f"note: this model computes the {loaded.model.config.gelu} GELU, which a .npz does not "
+            f"record: pass --config gelu={loaded.model.config.gelu} to this project when you load "
+            "it (timm's default GELU is the exact one; Google's code computes tanh)"
+        )
     return 0
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from models.configs import with_gelu
 from models.errors import UsageError
 from models.families import build_model
 from utils.cli import run_main
@@ -152,10 +153,13 @@ def set_up(
     start = weights.words if state is None else (state.start or weights.words)
     log.info(start if state is None else f"resuming a run that began {start}")
 
+    # the GELU the weights learned with: the resumed run's, else the starting file's
+    gelu = state.gelu if state is not None else dist.from_main(weights.gelu, ctx)
     torch.manual_seed(args.seed)  # the same initial weights on every process
     model = build_model(
-        args.model_type, args.config, args.img_size, len(data.classes), zero_head=True
-    )
+        args.model_type, with_gelu(args.config, gelu), args.img_size, len(data.classes),
+        zero_head=True,
+    )  # fmt: skip
     model.set_grad_checkpointing(args.grad_checkpointing)  # before torch.compile sees it
     model.to(ctx.device)
     precision = Precision(precision_of(flags), ctx.device, args.loss_scale)

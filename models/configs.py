@@ -20,9 +20,12 @@ import ml_collections
 
 from models.errors import UserError
 
-# GELU as the MLPs compute it: "exact" (erf; the reference's and timm's) or "tanh" (the
-# approximation that Flax's nn.gelu computes by default, so Google's own); see docs/models.md.
-GELU_KINDS = ("exact", "tanh")
+# GELU as the MLPs compute it: "tanh" (the approximation that Flax's nn.gelu computes, with which
+# Google trained every checkpoint: the default) or "exact" (erf: what the reference and timm
+# compute, and what checkpoints of the reference and of this project before 2026-12 learned
+# with); see docs/models.md.
+GELU_KINDS = ("tanh", "exact")
+DEFAULT_GELU = "tanh"  # every config's
 
 # name: (hidden_size, mlp_dim, num_heads, num_layers)
 _WIDTHS = {
@@ -48,7 +51,7 @@ def _vit(width: str, patch: int) -> ml_collections.ConfigDict:
     config.classifier = "token"
     # Set to an int to keep the tanh pre-logits layer that ImageNet-21k pre-training uses.
     config.representation_size = ml_collections.FieldReference(None, field_type=int)
-    config.gelu = "exact"
+    config.gelu = DEFAULT_GELU
     return config
 
 
@@ -147,7 +150,7 @@ def _mixer(width: str, patch: int) -> ml_collections.ConfigDict:
     # The token-mixing weights have one row per patch, so they fix the image size: 224 px, the
     # pre-training resolution of Google's checkpoints (see models.families.resolution_problem).
     config.img_size = 224
-    config.gelu = "exact"
+    config.gelu = DEFAULT_GELU
     return config
 
 
@@ -327,6 +330,16 @@ def _parse_value(text: str, current: object, key: str, field_type: type | None) 
             _parse_scalar(p.strip(), c, key, None) for p, c in zip(parts, current, strict=True)
         )
     return _parse_scalar(text, current, key, field_type)
+
+
+def with_gelu(overrides: Iterable[str], gelu: str | None) -> list[str]:
+    """``overrides`` that compute the GELU some weights learned with (None: the default), unless
+    they choose one themselves; ``gelu=...`` is added only where it is not the default."""
+    overrides = list(overrides)
+    chosen = any(item.partition("=")[0].strip() == "gelu" for item in overrides)
+    if chosen or gelu in (None, DEFAULT_GELU):
+        return overrides
+    return [*overrides, f"gelu={gelu}"]
 
 
 def apply_overrides(

@@ -11,7 +11,8 @@ no class token, no position embedding, no attention and no dropout::
     loss = model(images, labels)
 
 The numerics and the initialisation are Google's (``vit_jax/models_mixer.py``): LayerNorm eps
-1e-6, Flax's default lecun_normal kernels and zero biases, a zero head. The token-mixing MLP maps
+1e-6, Flax's tanh GELU (the config's ``gelu``), Flax's default lecun_normal kernels and zero
+biases, a zero head. The token-mixing MLP maps
 the N patches to ``tokens_mlp_dim`` and back, so its weights fix N, and with it the image size.
 """
 

@@ -10,8 +10,10 @@ keeps working::
     loss = model(images, labels)
 
 The numerics are Google's (``vit_jax/models_vit.py``): dropout after attention uses
-``dropout_rate``, position embeddings start from a normal of std 0.02, LayerNorm eps 1e-6;
-GELU is exact unless the config's ``gelu`` asks for Flax's tanh approximation. One file for the
+``dropout_rate``, position embeddings start from a normal of std 0.02, LayerNorm eps 1e-6, and
+GELU is Flax's tanh approximation unless the config's ``gelu`` asks for the exact (erf) one, as
+the reference's checkpoints need. tests/test_google_parity.py holds the logits to Google's own
+code's. One file for the
 whole model (about 320 lines), as nanoGPT keeps its: the classes read in the paper's order.
 """
 

@@ -24,7 +24,8 @@ def save_like_train(
     meta = {"model_type": model_type, "config": config, "img_size": model.img_size}
     meta |= {"dataset": "cifar10"}
     classes = [f"class{i}" for i in range(model.num_classes)]
-    path.with_suffix(".json").write_text(json.dumps({"args": meta, "classes": classes}))
+    record = {"args": meta, "config": model.config.to_dict(), "classes": classes}
+    path.with_suffix(".json").write_text(json.dumps(record))
     return path
 
 
@@ -54,6 +55,7 @@ def test_export_then_load_reproduces_the_logits(tmp_path: Path) -> None:
 
 def test_timm_reads_an_exported_b16(tmp_path: Path) -> None:
     timm = pytest.importorskip("timm")
+    from timm.layers import GELUTanh
     from timm.models.vision_transformer import _load_weights
 
     model = randomise(VisionTransformer(CONFIGS["ViT-B_16"], img_size=224, num_classes=10))
@@ -61,7 +63,9 @@ def test_timm_reads_an_exported_b16(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "--checkpoint", str(ckpt), "--output", str(tmp_path / "b16.npz"),
                      script="export.py")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    theirs = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10).eval()
+    theirs = timm.create_model(
+        "vit_base_patch16_224", pretrained=False, num_classes=10, act_layer=GELUTanh
+    ).eval()
     _load_weights(theirs, str(tmp_path / "b16.npz"))
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():

@@ -356,7 +356,7 @@ def test_a_damaged_training_state_is_one_line(
 def test_damaged_best_checkpoints_are_one_line(tmp_path: Path) -> None:
     files = RunFiles(tmp_path, "b")
     files.save_best({"w": torch.ones(2)}, {"model_type": "testing", "config": [], "img_size": 32,
-                    "dataset": "cifar10", "seed": 1, "val_split": 0.0}, ["a", "b"])  # fmt: skip
+                    "dataset": "cifar10", "seed": 1, "val_split": 0.0}, {}, ["a", "b"])  # fmt: skip
     assert read_weights(files.best)[1]["classes"] == ["a", "b"]
     for text, words in [
         ("{not json", "is not valid JSON"),

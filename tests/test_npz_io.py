@@ -222,20 +222,28 @@ def test_unreadable_files_give_one_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name, timm_name",
-    [("ViT-B_16", "vit_base_patch16_224"), ("R50-ViT-B_16", "vit_base_r50_s16_224")],
+    "name, timm_name, gelu",
+    [
+        ("ViT-B_16", "vit_base_patch16_224", "tanh"),
+        ("ViT-B_16", "vit_base_patch16_224", "exact"),
+        ("R50-ViT-B_16", "vit_base_r50_s16_224", "tanh"),
+    ],
 )
-def test_parity_with_timm(tmp_path: Path, name: str, timm_name: str) -> None:
-    """The same Google-layout file through timm's loader and model gives the same logits."""
+def test_parity_with_timm(tmp_path: Path, name: str, timm_name: str, gelu: str) -> None:
+    """The same Google-layout file through timm's loader and model gives the same logits, with
+    timm's tanh GELU layer for our default (Google's) and its default for the exact one."""
     timm = pytest.importorskip("timm")
+    from timm.layers import GELUTanh
     from timm.models.vision_transformer import _load_weights
 
     path = tmp_path / f"{name}.npz"
+    config = apply_overrides(CONFIGS[name], [f"gelu={gelu}"])
     torch.manual_seed(0)  # the same weights whatever ran before
-    randomise(VisionTransformer(CONFIGS[name], img_size=224, num_classes=10)).export_npz(str(path))
-    ours = VisionTransformer(CONFIGS[name], img_size=224, num_classes=10).eval()
+    randomise(VisionTransformer(config, img_size=224, num_classes=10)).export_npz(str(path))
+    ours = VisionTransformer(config, img_size=224, num_classes=10).eval()
     ours.load_from(np.load(path))
-    theirs = timm.create_model(timm_name, pretrained=False, num_classes=10).eval()
+    act = {"act_layer": GELUTanh} if gelu == "tanh" else {}
+    theirs = timm.create_model(timm_name, pretrained=False, num_classes=10, **act).eval()
     _load_weights(theirs, str(path))
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -300,6 +308,7 @@ def test_augreg_and_hybrid_layouts_match_timms_loader(
 ) -> None:
     """Each layout, written by us, is read by timm's loader with the same logits (at 64 px)."""
     timm = pytest.importorskip("timm")
+    from timm.layers import GELUTanh
     from timm.models.vision_transformer import _load_weights
 
     path = tmp_path / f"{name}.npz"
@@ -310,7 +319,7 @@ def test_augreg_and_hybrid_layouts_match_timms_loader(
     ours = VisionTransformer(config, img_size=64, num_classes=10).eval()
     ours.load_from(np.load(path))
     theirs = timm.create_model(
-        timm_name, pretrained=False, num_classes=10, img_size=64, depth=2
+        timm_name, pretrained=False, num_classes=10, img_size=64, depth=2, act_layer=GELUTanh
     ).eval()
     _load_weights(theirs, str(path))
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

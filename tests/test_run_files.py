@@ -66,12 +66,12 @@ def test_run_files_round_trip(tmp_path: Path) -> None:
     weights = {"w": torch.arange(3.0)}
     files.save_best(weights, {"model_type": "testing", "config": [], "img_size": 16,
                               "dataset": "cifar10", "seed": 1, "val_split": 0.1, "lr": 3},
-                     ["a", "b"])  # fmt: skip
+                     {"gelu": "tanh"}, ["a", "b"])  # fmt: skip
     read, meta = read_weights(files.best)
     assert torch.equal(read["w"], weights["w"])
     assert meta == {"args": {"model_type": "testing", "config": [], "img_size": 16,
                              "dataset": "cifar10", "seed": 1, "val_split": 0.1},
-                    "classes": ["a", "b"]}  # fmt: skip
+                    "config": {"gelu": "tanh"}, "classes": ["a", "b"]}  # fmt: skip
     state = TrainingState.read(OLD / "old_last.pt")
     state.write(files.last)
     again = TrainingState.read(files.last)

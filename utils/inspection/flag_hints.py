@@ -14,6 +14,7 @@ import ml_collections
 import torch
 
 from models.configs import CONFIGS, flat_fields
+from utils.training.run_files import FIELDS_ADDED_LATER
 
 _EMBED = "transformer.embeddings."
 _LAYER = re.compile(r"transformer\.encoder\.layer\.(\d+)\.")
@@ -81,10 +82,6 @@ def fitting_flags(state: dict[str, torch.Tensor]) -> str:
         flags.append(f"--img_size {img_size}")
     heads = " (and transformer.num_heads if it was changed: no shape shows it)" if best_diff else ""
     return f"its weights fit {' '.join(flags)}{heads}"
-
-
-# Config fields added after checkpoints had been written, with the value those checkpoints used.
-FIELDS_ADDED_LATER = {"gelu": "exact"}
 
 
 def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from models.configs import CONFIGS, ConfigOverrideError, apply_overrides
+from models.configs import CONFIGS, ConfigOverrideError, apply_overrides, with_gelu
 from models.errors import UsageError
 from models.families import build_model
 from models.npz_io import CheckpointError, describe_keys
@@ -32,7 +32,7 @@ from models.resize import load_resized
 from utils.data.class_names import CLASS_NAMES
 from utils.inspection.flag_hints import config_differences, fitting_flags
 from utils.runtime.device import resolve_device
-from utils.training.run_files import read_weights
+from utils.training.run_files import learned_gelu, read_weights
 
 _HEAD = "head.weight"
 
@@ -80,14 +80,20 @@ class Checkpoint:
             ModelFlags(args["model_type"], list(args.get("config") or []), args.get("img_size"))
         )
 
+    @property
+    def gelu(self) -> str:
+        """The GELU its weights learned with (exact where nothing says: the reference's)."""
+        return learned_gelu(self.meta)
+
     def trained_config(self) -> dict[str, Any] | None:
         """The model config it was trained with, as ``ConfigDict.to_dict()``, if recorded."""
         if isinstance(self.meta.get("config"), dict):
             return self.meta["config"]
         if self.args.get("model_type") not in CONFIGS:
             return None
+        overrides = with_gelu(self.args.get("config") or [], self.gelu)
         try:
-            config = apply_overrides(CONFIGS[self.args["model_type"]], self.args.get("config", []))
+            config = apply_overrides(CONFIGS[self.args["model_type"]], overrides)
         except (ConfigOverrideError, TypeError):
             return None
         return config.to_dict()
@@ -126,13 +132,15 @@ def resolve_flags(
 ) -> ModelFlags:
     """Each model flag not given on the command line is the checkpoint's, else train.py's default.
 
-    The checkpoint's ``--config`` overrides apply only to its own model type.
+    The checkpoint's ``--config`` overrides apply only to its own model type; its GELU, unless
+    ``config`` names one, to any.
     """
     trained = checkpoint.args
     model_type = model_type or trained.get("model_type") or "ViT-B_16"
     if not config and model_type == trained.get("model_type"):
         config = list(trained.get("config") or [])
-    return ModelFlags(model_type, list(config), img_size or trained.get("img_size") or 224)
+    config = with_gelu(config, checkpoint.gelu)
+    return ModelFlags(model_type, config, img_size or trained.get("img_size") or 224)
 
 
 def class_names(checkpoint: Checkpoint, dataset: str) -> list[str]:
@@ -170,14 +178,15 @@ def load_checkpoint_model(
     vis: bool = False,
     device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
-    """Build the model the flags describe and load the checkpoint into it strictly, in eval mode.
+    """Build the model the flags describe and load the checkpoint into it strictly, in eval mode;
+    with the checkpoint's GELU unless ``config_overrides`` choose one.
 
     Raises UsageError (one line) when the checkpoint cannot be read or does not fit: a shape, a
     key, or (where the checkpoint records it) a config field such as the head count that no shape
     shows.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
-    flags = ModelFlags(model_type, list(config_overrides), img_size)
+    flags = ModelFlags(model_type, with_gelu(config_overrides, ckpt.gelu), img_size)
     model = build_model(model_type, flags.config, img_size, num_classes, vis=vis)
     trained = ckpt.trained_with()
     hint = (

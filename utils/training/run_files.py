@@ -2,7 +2,7 @@
 removed here only.
 
 ``<name>_checkpoint.bin``  the best weights: a bare ``state_dict``, the reference's format
-``<name>_checkpoint.json`` what rebuilds that model: its flags and class names
+``<name>_checkpoint.json`` what rebuilds that model: its flags, config and class names
 ``<name>_last.pt``         the whole training state: at each evaluation, each ``--save_every``
                            steps and on a stop
 ``<name>.lock``            locked (``flock``) by the run using the name, removed when it ends;
@@ -48,6 +48,8 @@ OPTIMIZATION_FLAGS = (
     "loss_scale",
 )  # fmt: skip
 RESUME_FLAGS = (*MODEL_FLAGS, *DATA_FLAGS, *OPTIMIZATION_FLAGS)
+# Model-config fields added after files had been written, with the value those files used.
+FIELDS_ADDED_LATER = {"gelu": "exact"}
 # mkstemp's random part: the longest name a save writes is ".<name>_checkpoint.json.XXXXXXXX.tmp"
 TEMPORARY = ".{}.XXXXXXXX.tmp"
 
@@ -99,6 +101,11 @@ class TrainingState:
             )
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in names})
+
+    @property
+    def gelu(self) -> str:
+        """The GELU the saved model computes (``learned_gelu``)."""
+        return learned_gelu({"args": self.args, "config": self.config})
 
     @property
     def ends(self) -> list[int]:
@@ -358,11 +365,19 @@ class RunFiles:
 
     # -- during training ----------------------------------------------------------------------
 
-    def save_best(self, weights: dict[str, torch.Tensor], args: Mapping, classes: list[str]):
+    def save_best(
+        self,
+        weights: dict[str, torch.Tensor],
+        args: Mapping,
+        config: dict[str, Any],
+        classes: list[str],
+    ) -> None:
         """The best weights, and beside them what evaluate.py, predict.py and export.py need
-        to rebuild their model."""
+        to rebuild their model: its flags and its whole config (``ConfigDict.to_dict()``), which
+        holds what the flags leave to a default (the GELU)."""
         atomic_write(self.best, lambda f: torch.save(weights, f))
-        record = {"args": {k: args[k] for k in (*MODEL_FLAGS, *DATA_FLAGS)}, "classes": classes}
+        flags = {k: args[k] for k in (*MODEL_FLAGS, *DATA_FLAGS)}
+        record = {"args": flags, "config": config, "classes": classes}
         meta = json.dumps(record).encode()
         atomic_write(self.meta, lambda f: f.write(meta))
 
@@ -392,20 +407,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     reference checkpoint).
     """
     path = Path(path).absolute()
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except Exception as error:
-        raise CheckpointError(
-            f"checkpoint {path} is not a readable PyTorch file ({one_line(error)})"
-        ) from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        weights, meta = obj["model"], {k: obj[k] for k in ("args", "config", "classes") if k in obj}
-    elif _is_weights(obj) and obj:
-        weights, meta = obj, _read_meta(path.with_suffix(".json"))
-    else:
-        raise CheckpointError(f"checkpoint {path} holds no model state_dict")
+    weights, meta = _weights_and_meta(_load(path), path)
     if not _is_weights(weights) or not weights:
         raise CheckpointError(f"checkpoint {path} holds no model state_dict")
     if not all_finite(weights):
@@ -416,6 +418,54 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if problem := _meta_problem(meta):
         raise CheckpointError(f"checkpoint {path}: {problem}")
     return weights, meta
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """``read_weights``' metadata alone: the weights are memory-mapped, not read (a training
+    state may hold gigabytes)."""
+    path = Path(path).absolute()
+    try:
+        obj = _load(path, mmap=True)
+    except CheckpointError:  # torch's legacy format cannot be mapped
+        obj = _load(path)
+    meta = _weights_and_meta(obj, path)[1]
+    if problem := _meta_problem(meta):
+        raise CheckpointError(f"checkpoint {path}: {problem}")
+    return meta
+
+
+def learned_gelu(meta: Mapping[str, Any]) -> str:
+    """The GELU that the weights of a file with this metadata (``read_weights``) learned with:
+    the one its model config records; in a file written before configs recorded it, the one its
+    ``--config`` chose, else exact, as in every such file and in the reference's ``.bin``."""
+    config = meta.get("config")
+    if isinstance(config, Mapping) and "gelu" in config:
+        return str(config["gelu"])
+    args = meta.get("args")
+    for item in (args.get("config") or []) if isinstance(args, Mapping) else []:
+        key, _, value = str(item).partition("=")
+        if key.strip() == "gelu":
+            return value.strip()
+    return FIELDS_ADDED_LATER["gelu"]
+
+
+def _load(path: Path, mmap: bool = False) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as error:
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable PyTorch file ({one_line(error)})"
+        ) from None
+
+
+def _weights_and_meta(obj: object, path: Path) -> tuple[Any, dict[str, Any]]:
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return obj["model"], {k: obj[k] for k in ("args", "config", "classes") if k in obj}
+    if _is_weights(obj) and obj:
+        return obj, _read_meta(path.with_suffix(".json"))
+    raise CheckpointError(f"checkpoint {path} holds no model state_dict")
 
 
 def _read_meta(sidecar: Path) -> dict[str, Any]:
@@ -442,6 +492,8 @@ def _meta_problem(meta: Mapping[str, Any]) -> str | None:
         isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
     ):
         return "its recorded 'classes' are not a list of class names"
+    if not isinstance(meta.get("config", {}), dict):
+        return "its recorded 'config' is not a mapping of model-config fields"
     expected = {"model_type": str, "img_size": int, "dataset": str, "config": list}
     for key, kind in expected.items():
         if key in args and not isinstance(args[key], kind):

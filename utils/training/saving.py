@@ -47,7 +47,8 @@ class Saver:
         """The best weights, written by rank 0 (the only process that reads them back)."""
         self.check_weights(learner)
         weights = learner.model.state_dict()
-        save = lambda: self.files.save_best(weights, self.flags, self.classes)
+        config = learner.model.config.to_dict()
+        save = lambda: self.files.save_best(weights, self.flags, config, self.classes)
         dist.from_main(save, self.ctx)
 
     def check_weights(self, learner: Learner) -> None:

@@ -33,7 +33,7 @@ from models.pretrained import (
 from models.resize import load_resized
 from utils.data.download import DownloadError, download_file
 from utils.runtime import distributed as dist
-from utils.training.run_files import read_weights
+from utils.training.run_files import learned_gelu, read_meta, read_weights
 
 log = logging.getLogger("vit")
 
@@ -140,6 +140,16 @@ class StartingWeights:
             raise UsageError(
                 f"{error}, or set {MIRROR_VARIABLE} to a mirror of {BUCKET} (the same layout)"
             ) from None
+
+    def gelu(self) -> str | None:
+        """The GELU these weights learned with: Google's tanh for a .npz, what a checkpoint of
+        this project records (``run_files.learned_gelu``: exact for the reference's and for files
+        that predate the record), None for random weights (the config's). Reads no weights."""
+        if self.path is None:
+            return None
+        if self.path.suffix in (".bin", ".pt"):
+            return learned_gelu(read_meta(self.path))
+        return "tanh"
 
     def load_into(self, model: torch.nn.Module, ctx: dist.Context) -> None:
         """Read by rank 0, whose weights then reach the other processes (the file is on its
