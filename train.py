@@ -31,6 +31,7 @@ from utils.data.datasets import DataSplits, build_datasets
 from utils.files import FoldersMade
 from utils.inspection.figures import log_eval_images
 from utils.runtime import distributed as dist
+from utils.runtime.device import cpu_contention
 from utils.runtime.rng import rng_state, set_rng_state
 from utils.runtime.signals import StopRequest
 from utils.training import update
@@ -147,7 +148,7 @@ def set_up(
 
     def resume() -> tuple[Path | None, TrainingState | None]:  # rank 0's file, for every rank
         path = files.resume_from(args.resume)
-        return path, state_to_resume(path, flags, global_batch)
+        return path, state_to_resume(path, flags, global_batch, files.best)
 
     resumed_from, state = dist.from_main(resume, ctx)
     start = weights.words if state is None else (state.start or weights.words)
@@ -269,6 +270,8 @@ def open_reports(
         len(data.select), data.select_name,
         f" / {len(data.test)} test images" if data.test is not None else "",
     )  # fmt: skip
+    if ctx.is_main and (busy := cpu_contention(ctx.device)):
+        log.warning(busy)
     reporter = Reporter(events if ctx.is_main else None, flags["num_steps"], learner.step)
     reporter.text("args", "  \n".join([start, *(f"{k}: {v}" for k, v in sorted(flags.items()))]))
     return reporter

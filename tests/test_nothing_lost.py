@@ -293,6 +293,24 @@ def test_a_larger_num_steps_trains_a_finished_run_further_with_a_new_warm_up(
     assert TrainingState.read(tmp_path / "out" / "far_last.pt").schedule == [20, 40]
 
 
+def test_a_resume_whose_best_checkpoint_is_damaged_goes_on_and_says_so(
+    tmp_path: Path, subset: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """A zero-byte ``_checkpoint.bin`` (a disk that filled, a copy cut short): the resume says
+    what is lost and the next evaluation writes a new best, which the final scores read back."""
+    assert run(tmp_path, subset, "z", "--val_split", "0.1") == 0
+    best = tmp_path / "out" / "z_checkpoint.bin"
+    best.write_bytes(b"")
+    capfd.readouterr()
+    assert run(tmp_path, subset, "z", "--val_split", "0.1", "--num_steps", "4", "--resume",
+               "auto") == 0  # fmt: skip
+    out, log = capfd.readouterr()
+    assert f"checkpoint {best} is not a readable PyTorch file" in log
+    assert "the best weights so far (step 2, accuracy" in log
+    assert "weights of step 4, selected on validation accuracy" in out
+    assert read_weights(best)[0]
+
+
 def test_a_resume_inside_an_extension_keeps_its_schedule(tmp_path: Path, subset: Path) -> None:
     """Stopped at step 25 of the extension 20 -> 40 and resumed: the same weights as the
     extension run through."""

@@ -305,3 +305,89 @@ def test_the_headline_command_at_its_real_size_sets_up_and_starts(
         made / "ViT-B_16.npz"
     ).stat().st_size
     assert not list((tmp_path / "output").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Printed samples: what a page shows a command printing is what that command prints
+
+
+@dataclass(frozen=True)
+class Sample:
+    line: str  # page:line
+    key: str  # a regular expression that finds the one command of a run block that prints it
+    text: str
+
+
+def page_samples(page: Path) -> list[Sample]:
+    """The fenced blocks under ``<!-- readme-sample: KEY -->``: the output of the command that
+    the regular expression KEY finds; ``...`` stands for lines left out."""
+    lines = page.read_text().splitlines()
+    samples = []
+    for i, line in enumerate(lines):
+        if marker := re.fullmatch(r"<!-- readme-sample: (.*) -->", line):
+            assert lines[i + 1] == "```", f"{page.name}:{i + 1}: a ``` block must follow"
+            end = lines.index("```", i + 2)
+            text = "\n".join(lines[i + 2 : end])
+            samples.append(Sample(f"{page.relative_to(REPO)}:{i + 2}", marker[1], text))
+    return samples
+
+
+SAMPLES = [sample for page in PAGES for sample in page_samples(page)]
+# What differs from machine to machine; the rest (the accuracies on the subset) does not.
+MACHINE_OWN = [(r"wall time [\d.]+ s", "wall time <t> s"), (r"[\d.]+ images/s", "<n> images/s")]
+
+
+def sampled_command(key: str) -> str:
+    """The one command (continuations joined, spaces collapsed) of the pages' run blocks that
+    the regular expression ``key`` finds."""
+    commands = [
+        " ".join(line.split())
+        for block in BLOCKS
+        if block.runs and block.language == "bash"
+        for line in block.code.replace("\\\n", " ").splitlines()
+    ]
+    found = [c for c in commands if not c.startswith("#") and re.search(key, c)]
+    assert len(found) == 1, f"readme-sample: {key!r} names {len(found)} commands: {found}"
+    return found[0]
+
+
+def machine_free(line: str) -> str:
+    for pattern, stand_in in MACHINE_OWN:
+        line = re.sub(pattern, stand_in, line)
+    return line
+
+
+@pytest.fixture(scope="module")
+def printed(tmp_path_factory: pytest.TempPathFactory, subset: Path) -> dict[str, str]:
+    """Each sampled command run exactly as written, in the pages' order, in a fresh folder laid
+    out like a checkout: what it printed (stdout and stderr)."""
+    root = tmp_path_factory.mktemp("samples")
+    work = root / "vit"
+    work.mkdir()
+    for name in LINKED:
+        (work / name).symlink_to(REPO / name)
+    (root / "shared").mkdir()
+    (root / "shared" / "cifar10-subset").symlink_to(subset)
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(root)}
+    outputs = {}
+    for sample in SAMPLES:
+        command = sampled_command(sample.key)
+        result = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True,
+                                text=True, timeout=600)  # fmt: skip
+        assert result.returncode == 0, f"{command}\n{result.stderr}"
+        outputs[sample.key] = result.stdout + result.stderr
+    return outputs
+
+
+def test_the_pages_show_printed_samples() -> None:
+    assert {sampled_command(s.key).split()[3] for s in SAMPLES} >= {"smoke", "honest"}
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=[s.line for s in SAMPLES])
+def test_a_printed_sample_is_what_its_command_prints(sample: Sample, printed) -> None:
+    """Every line of the sample (but ``...``) is a line the command printed, numbers included;
+    only the wall time and images/s are the machine's own."""
+    lines = {machine_free(line) for line in printed[sample.key].splitlines()}
+    for line in sample.text.splitlines():
+        if line.strip() != "...":
+            assert machine_free(line) in lines, f"{sample.line}: not printed: {line}"

@@ -177,3 +177,39 @@ def test_length_and_memory_flags_refuse_bad_values(
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_cpu_run_on_busy_cores_says_to_use_one_thread(
+    subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """The README's advice, given where it applies: threads > 1, no OMP_NUM_THREADS, and a load
+    average that leaves the threads fewer free cores than they are."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    steps = ["--num_steps", "1", "--eval_every", "1", "--warmup_steps", "0"]
+    for load, told in [(3.0, True), (1.2, False)]:
+        monkeypatch.setattr("os.getloadavg", lambda load=load: (load, load, load))
+        capfd.readouterr()
+        assert run(tmp_path, subset, f"busy{load}", *steps) == 0
+        log = capfd.readouterr().err
+        assert ("load average 3.0 on 2 cores" in log and "OMP_NUM_THREADS=1" in log) == told, log
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a choice made: not second-guessed
+    monkeypatch.setattr("os.getloadavg", lambda: (3.0, 3.0, 3.0))
+    assert run(tmp_path, subset, "chosen", *steps) == 0
+    assert "OMP_NUM_THREADS=1" not in capfd.readouterr().err
+
+
+def test_a_resume_with_other_micro_batches_says_it_is_not_exact(
+    subset: Path, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    steps = ["--eval_every", "2", "--warmup_steps", "0", "--gradient_accumulation_steps"]
+    assert run(tmp_path, subset, "acc", "--num_steps", "2", *steps, "1") == 0
+    capfd.readouterr()
+    assert run(tmp_path, subset, "acc", "--num_steps", "4", "--resume", "auto", *steps, "2") == 0
+    log = capfd.readouterr().err
+    assert "resumed with 2 micro-batches per step, saved with 1" in log
+    assert "--gradient_accumulation_steps 1 to go on exactly" in log
+    assert last_state(tmp_path, "acc").step == 4
+    assert run(tmp_path, subset, "acc", "--num_steps", "6", "--resume", "auto", *steps, "2") == 0
+    assert "micro-batches per step, saved with" not in capfd.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from models.errors import UsageError
@@ -31,3 +33,20 @@ def resolve_device(name: str | None, local_rank: int = -1) -> torch.device:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     return device
+
+
+def cpu_contention(device: torch.device) -> str | None:
+    """Advice for a CPU run whose threads will wait on other work, or None: PyTorch's threads
+    wait on each other when other processes hold the cores (the README's smoke test ran 6 times
+    slower with 2 threads than with 1 on 2 busy cores). The load average counts this process."""
+    threads, cores = torch.get_num_threads(), os.cpu_count() or 1
+    if device.type != "cpu" or threads < 2 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    load = os.getloadavg()[0]
+    if load - 1 + threads <= cores + 0.5:
+        return None
+    return (
+        f"the CPU is busy (load average {load:.1f} on {cores} cores), so PyTorch's {threads} "
+        "threads will wait on each other: with OMP_NUM_THREADS=1 before the command the run may "
+        "be several times faster"
+    )

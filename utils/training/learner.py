@@ -12,10 +12,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models.errors import UsageError, one_line
+from models.npz_io import CheckpointError
 from utils.runtime import distributed as dist
 from utils.runtime.rng import set_rng_state
 from utils.training.optimizer import LearningRate
-from utils.training.run_files import TrainingState, all_finite
+from utils.training.run_files import TrainingState, all_finite, read_weights
 
 log = logging.getLogger("vit")
 
@@ -92,10 +93,11 @@ def for_training(model: torch.nn.Module, ctx: dist.Context, compile: bool) -> to
 
 
 def state_to_resume(
-    path: Path | None, flags: dict[str, Any], global_batch: int
+    path: Path | None, flags: dict[str, Any], global_batch: int, best: Path
 ) -> TrainingState | None:
     """The training state at ``path`` (``--resume``), checked to continue the run that
-    ``flags`` describe (``num_steps`` as derived); None for no path."""
+    ``flags`` describe (``num_steps`` as derived) and whose best weights are at ``best``; None
+    for no path."""
     if path is None:
         return None
     state = TrainingState.read(path)
@@ -107,6 +109,25 @@ def state_to_resume(
             "saved them after the loss diverged; start again with a lower --learning_rate and "
             "--overwrite"
         )
+    if state.best_step > 0:  # the final scores read these weights back
+        try:
+            read_weights(best)
+        except CheckpointError as error:
+            log.warning(
+                "%s; the best weights so far (step %d, accuracy %.4f) are lost, so the best of "
+                "the evaluations from now on takes their place",
+                one_line(error), state.best_step, state.best_acc,
+            )  # fmt: skip
+            state.best_acc, state.best_step = 0.0, 0
+    saved, now = state.args.get("gradient_accumulation_steps"), flags["gradient_accumulation_steps"]
+    if isinstance(saved, int) and isinstance(now, int) and saved != now:
+        log.warning(
+            "resumed with %d micro-batches per step, saved with %d: the same global batch and "
+            "data order, but the gradient sums run in another order and dropout is drawn per "
+            "micro-batch, so the steps differ slightly from an uninterrupted run's (pass "
+            "--gradient_accumulation_steps %d to go on exactly)",
+            now, saved, saved,
+        )  # fmt: skip
     end, steps = state.ends[-1], flags["num_steps"]
     if steps > end:
         log.info(
