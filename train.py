@@ -26,7 +26,7 @@ from models.errors import UsageError
 from models.families import build_model
 from utils.cli import run_main
 from utils.data.batches import BatchSource
-from utils.data.cifar import CIFAR, ensure_cifar
+from utils.data.cifar import CIFAR, download_problem, ensure_cifar
 from utils.data.datasets import DataSplits, build_datasets
 from utils.files import FoldersMade
 from utils.inspection.figures import log_eval_images
@@ -101,6 +101,7 @@ def check_and_claim(
     anything slow (data set scan, memory estimate, download); then the name is held against a
     second run."""
     problems = [
+        download_problem(args.dataset, args.data_dir) if args.dataset in CIFAR else None,
         weights.problem(),
         files.resume_problem(args.resume),
         f"--data_dir {Path(args.data_dir).absolute()} has no train/ folder; expected "

@@ -290,3 +290,29 @@ def test_an_html_page_from_a_cifar_mirror_is_named(
         ensure_cifar("cifar10", root)
     one_line_with(str(info.value), "an HTML page (text/html)", f"{cifar_mirror}/portal")
     assert listing(root) == []
+
+
+def test_every_input_that_cannot_be_downloaded_is_named_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, closed_url: str
+) -> None:
+    """A machine without the data and without the checkpoint, and no way to download either:
+    one line names both, before the memory estimate or anything else slow."""
+    base = closed_url.rsplit("/", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VIT_CIFAR_MIRROR", base)
+    monkeypatch.setenv("VIT_CHECKPOINT_MIRROR", base)
+    argv = ["--name", "none", *SMALL, "--pretrained_dir", "checkpoint/ViT-B_16.npz",
+            "--data_dir", "data", "--output_dir", "out", "--logdir", "logs",
+            "--train_batch_size", "8", "--num_steps", "1"]  # fmt: skip
+    code, err = run_train(argv, capsys)
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and len(lines) == 1, err
+    one_line_with(
+        lines[0],
+        f"CIFAR-10 not found in {tmp_path / 'data' / 'cifar-10-batches-py'}",
+        f"the download from {base}/cifar-10-python.tar.gz failed (",
+        f"; and could not download {base}/imagenet21k/ViT-B_16.npz",
+        "or set VIT_CHECKPOINT_MIRROR to a mirror",
+    )
+    assert "gradient_accumulation_steps" not in err  # no memory estimate came first
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()

@@ -504,11 +504,15 @@ def test_mirrors_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_a_step_that_cannot_fit_stops_before_it_with_the_fix(
-    tmp_path: Path, subset: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, subset: Path, monkeypatch: pytest.MonkeyPatch, server
 ) -> None:
     """The README's main command with the reference's single micro-batch typed, on a CPU
     machine with 24 GiB free: exit 2 before any step or download, advising only what fits by
-    the estimate (the fewest micro-batches, or auto); the advised count does fit."""
+    the estimate (the fewest micro-batches, or auto); the advised count does fit. (The mirror
+    only answers the start's question whether the checkpoint could be downloaded.)"""
+    base, files = server
+    files["/imagenet21k/ViT-B_16.npz"] = b"never downloaded"
+    monkeypatch.setenv("VIT_CHECKPOINT_MIRROR", base)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(memory, "available_bytes", lambda device: 24 * 2**30)
     argv = ["--name", "cifar10-100_500", "--model_type", "ViT-B_16", "--data_dir", str(subset)]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import one_line
-from utils.data.download import ChecksumError, DownloadError, download_file
+from utils.data.download import ChecksumError, DownloadError, download_file, unreachable
 from utils.data.errors import DataError
 from utils.files import share_as_usual
 
@@ -261,6 +261,30 @@ def _safe_extract(archive: Path, into: Path) -> None:
             tar.extractall(into, members=members)  # members checked above
 
 
+def download_problem(name: str, root: str | Path) -> str | None:
+    """Why ``ensure_cifar`` would fail because the data set is neither in ``root`` nor
+    downloadable now, in its words, or None (asks the server for the archive's headers only)."""
+    spec = get_spec(name)
+    folder = Path(root) / spec.folder
+    if not _missing_files(folder, spec):
+        return None
+    url = archive_source(spec)[0]
+    reason = unreachable(url)
+    return None if reason is None else _not_found(spec, Path(root), url, reason)
+
+
+def _by_hand(root: Path) -> str:
+    return f"download and extract it into {root}/ by hand or pass --data_dir"
+
+
+def _not_found(spec: CifarSpec, root: Path, url: str, reason: str, fix: str | None = None) -> str:
+    return (
+        f"{spec.title} not found in {(root / spec.folder).absolute()} (expected "
+        f"{', '.join(spec.files)}) and the download from {url} failed ({reason}); "
+        f"{fix or f'{_by_hand(root)}, or set {MIRROR_VARIABLE} to a mirror'}"
+    )
+
+
 def ensure_cifar(
     name: str,
     root: str | Path,
@@ -286,20 +310,17 @@ def ensure_cifar(
     url, md5 = url or source_url, md5 or source_md5
     archive = root / url.rstrip("/").rsplit("/", 1)[-1]
     expected = ", ".join(spec.files)
-    by_hand = f"download and extract it into {root}/ by hand or pass --data_dir"
+    by_hand = _by_hand(root)
     try:
         download_file(url, archive, md5=md5, desc=spec.title, timeout=timeout)
     except DownloadError as err:
-        fix = f"{by_hand}, or set {MIRROR_VARIABLE} to a mirror"
+        fix = None
         if isinstance(err, ChecksumError) and url != spec.url:
             fix = (
                 f"if that mirror serves an archive of its own, set {MD5_VARIABLE} to its MD5 "
                 f"({err.actual} is what arrived); else {by_hand}"
             )
-        raise DataError(
-            f"{spec.title} not found in {folder.absolute()} (expected {expected}) and the "
-            f"download from {url} failed ({err.reason}); {fix}"
-        ) from err
+        raise DataError(_not_found(spec, root, url, err.reason, fix)) from err
 
     tmp_dir = Path(tempfile.mkdtemp(dir=root, prefix=f".{spec.folder}.", suffix=".extract"))
     try:

@@ -105,6 +105,19 @@ def _reason(err: BaseException, timeout: float) -> str:
     return str(err) or type(err).__name__
 
 
+def unreachable(url: str, timeout: float = 15) -> str | None:
+    """Why ``url`` cannot be downloaded now, in a failed download's words, or None. Only the
+    response's headers are read: a start asks this for every input it lacks before anything slow,
+    so that all of them are named at once."""
+    request = urllib.request.Request(url, headers={"User-Agent": "vit-cifar"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            page = _html_page(content_type=response.headers.get("Content-Type", ""))
+            return _html_reason(page) if page else None
+    except (OSError, http.client.HTTPException, ValueError) as err:
+        return _reason(err, timeout)
+
+
 def download_file(
     url: str,
     dest: str | Path,

@@ -31,7 +31,7 @@ from models.pretrained import (
     official_url,
 )
 from models.resize import load_resized
-from utils.data.download import DownloadError, download_file
+from utils.data.download import DownloadError, download_file, unreachable
 from utils.runtime import distributed as dist
 from utils.training.run_files import learned_gelu, read_meta, read_weights
 
@@ -85,11 +85,15 @@ class StartingWeights:
         if self.given and self.given.startswith(AUGREG_PREFIX):
             name = self.given.removeprefix(AUGREG_PREFIX)
             log.info("%s", choose_augreg(load_augreg_index(), name).summary())
-        remote = bucket_file(self.given) is not None  # gs:// or augreg:, downloaded
-        path = self.path
-        if path is None or path.exists() or official_url(path.name) is not None or remote:
+        if self.path is None or self.path.exists():
             return None
-        return self.missing()
+        url = self._url()
+        if url is None:
+            return self.missing()
+        reason = unreachable(url)  # asked now, so that every missing input is named at once
+        return (
+            None if reason is None else self._download_failed(DownloadError(url, self.path, reason))
+        )
 
     def missing(self) -> str:
         """The words for a ``--pretrained_dir`` (given, or the default) that is not there."""
@@ -115,9 +119,7 @@ class StartingWeights:
         """The file, downloaded from Google's bucket first when it is official; an official file
         there or arriving that is not a readable .npz is refused, the download kept only when
         complete."""
-        path = self.path
-        remote = bucket_file(self.given)  # gs:// or augreg:, whatever its file name
-        url = remote.url() if remote is not None else official_url(path.name)
+        path, url = self.path, self._url()
         if path.exists():
             if url is not None and (problem := npz_problem(path)):
                 where = path.absolute()
@@ -132,14 +134,22 @@ class StartingWeights:
         try:
             return download_file(url, path, desc=path.name, verify=check_downloaded_npz)
         except DownloadError as error:
-            if remote is not None:
-                raise UsageError(
-                    f"{error}, or set {GCS_MIRROR_VARIABLE} to a mirror of {GCS} "
-                    f"(<mirror>/{remote.bucket}/{remote.path})"
-                ) from None
-            raise UsageError(
-                f"{error}, or set {MIRROR_VARIABLE} to a mirror of {BUCKET} (the same layout)"
-            ) from None
+            raise UsageError(self._download_failed(error)) from None
+
+    def _url(self) -> str | None:
+        """Where the file downloads from: Google's bucket (gs:// or augreg:, whatever its file
+        name, or an official file name), or None."""
+        remote = bucket_file(self.given)
+        return remote.url() if remote is not None else official_url(self.path.name)
+
+    def _download_failed(self, error: DownloadError) -> str:
+        remote = bucket_file(self.given)
+        if remote is not None:
+            return (
+                f"{error}, or set {GCS_MIRROR_VARIABLE} to a mirror of {GCS} "
+                f"(<mirror>/{remote.bucket}/{remote.path})"
+            )
+        return f"{error}, or set {MIRROR_VARIABLE} to a mirror of {BUCKET} (the same layout)"
 
     def gelu(self) -> str | None:
         """The GELU these weights learned with: Google's tanh for a .npz, what a checkpoint of
