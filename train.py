@@ -27,7 +27,7 @@ from models.families import build_model
 from utils.cli import run_main
 from utils.data.batches import BatchSource
 from utils.data.cifar import CIFAR, download_problem, ensure_cifar
-from utils.data.datasets import DataSplits, build_datasets
+from utils.data.datasets import DataSplits, build_on_every_process, check_global_batch
 from utils.files import FoldersMade
 from utils.inspection.figures import log_eval_images
 from utils.runtime import distributed as dist
@@ -38,7 +38,7 @@ from utils.training import update
 from utils.training.evaluation import evaluate
 from utils.training.flags import as_run_used, parse_flags, total_steps
 from utils.training.learner import Learner, for_training, state_to_resume
-from utils.training.logger import Meter, Reporter, remove_events, setup_logging
+from utils.training.logger import EventsUnwritable, Meter, Reporter, remove_events, setup_logging
 from utils.training.memory import StepToFit
 from utils.training.optimizer import LearningRate, build_optimizer, set_learning_rate
 from utils.training.precision import Precision
@@ -80,16 +80,19 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
         try:
             run = set_up(args, ctx, files, weights, events)
         except BaseException:
-            if ctx.is_main:
-                files.release()
-                made.remove_empty()
+            files.release()  # held by rank 0 alone
+            made.remove_empty()  # on every node, each its own: nodes need not share a disk
             raise
         try:
             return train_loop(run, stop)
+        except EventsUnwritable as error:  # TensorBoard's disk: the state is saved, then said
+            raise error.after_saving(run.saver, run.learner, run.meter) from None
         except OSError as error:  # a save that failed: one line, with where the last good state is
             if (failed := run.saver.write_failed(error)) is None:
                 raise
             raise failed from None
+        finally:
+            run.reporter.close_bar()  # an error's line below the bar, not glued to it
     finally:
         files.release()
 
@@ -143,9 +146,10 @@ def set_up(
     starting weights, the learner, the batches and the reports: in this order, so that each
     check comes before what it can spare (a download, a memory search)."""
     global_batch = args.train_batch_size * ctx.world_size
-    data = load_data(args, ctx, global_batch)
+    data = load_data(args, ctx)
     num_steps = total_steps(args, len(data.train), global_batch)
-    flags = as_run_used(args, num_steps, args.gradient_accumulation_steps)
+    # what the run read is recorded beside its flags: a resume checks it (TrainingState.refusal)
+    flags = as_run_used(args, num_steps, args.gradient_accumulation_steps) | data.recorded()
 
     def resume() -> tuple[Path | None, TrainingState | None]:  # rank 0's file, for every rank
         path = files.resume_from(args.resume)
@@ -166,7 +170,7 @@ def set_up(
     model.to(ctx.device)
     precision = Precision(precision_of(flags), ctx.device, args.loss_scale)
     micro_batches, out_of_memory = fit_in_memory(args, model, precision, state)
-    flags = as_run_used(args, num_steps, micro_batches)
+    flags = as_run_used(args, num_steps, micro_batches) | data.recorded()
     if state is None and weights.path is not None:  # after the memory check it might spare
         weights.load_into(model, ctx)
     torch.manual_seed(args.seed + ctx.rank)  # dropout differs across processes
@@ -189,18 +193,16 @@ def set_up(
     )
 
 
-def load_data(args: argparse.Namespace, ctx: dist.Context, global_batch: int) -> DataSplits:
-    """The run's three sets; CIFAR is downloaded once per disk, while the other processes
-    wait."""
+def load_data(args: argparse.Namespace, ctx: dist.Context) -> DataSplits:
+    """The run's three sets, the same in every process; CIFAR is downloaded once per disk,
+    while the other processes wait."""
     if args.dataset in CIFAR:
         dist.each_node_first(lambda: ensure_cifar(args.dataset, args.data_dir), ctx)
-    data = build_datasets(
+    data = build_on_every_process(  # the same images in every process, or one line
         args.dataset, args.data_dir, args.img_size, args.seed, args.val_split, args.hflip
     )
-    if global_batch > len(data.train):
-        raise UsageError(
-            f"global batch {global_batch} exceeds the {len(data.train)} training images"
-        )
+    check_global_batch(len(data.train), args.train_batch_size, ctx.world_size,
+                       args.gradient_accumulation_steps)  # fmt: skip
     return data
 
 
@@ -273,7 +275,8 @@ def open_reports(
     )  # fmt: skip
     if ctx.is_main and (busy := cpu_contention(ctx.device)):
         log.warning(busy)
-    reporter = Reporter(events if ctx.is_main else None, flags["num_steps"], learner.step)
+    reporter = Reporter(events if ctx.is_main else None, flags["num_steps"], learner.step,
+                        (micro, flags["train_batch_size"] // micro))  # fmt: skip
     reporter.text("args", "  \n".join([start, *(f"{k}: {v}" for k, v in sorted(flags.items()))]))
     return reporter
 
@@ -345,10 +348,7 @@ def evaluate_and_save(run: Training) -> None:
     scores = evaluate(learner.model, run.batches.select, run.ctx.device, run.precision,
                       len(data.classes))  # fmt: skip
     name, step = data.select_name, learner.step
-    if run.reporter.writer is not None:
-        log_eval_images(
-            run.reporter.writer, step, *scores.samples, scores.confusion, data.classes, name
-        )
+    run.reporter.write(log_eval_images, step, *scores.samples, scores.confusion, data.classes, name)
     run.reporter.scalars({f"{name}/accuracy": scores.accuracy, f"{name}/loss": scores.loss}, step)
     log.info(
         "step %d: %s accuracy %.4f, loss %.4f (%d images)",

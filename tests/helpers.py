@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import os
@@ -128,7 +129,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("x-goog-hash", f"crc32c=AAAAAA==,md5={md5}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        # a client may want the headers only: a start asking whether a download would work
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.wfile.write(body)
 
     def log_message(self, *args: object) -> None:
         pass

@@ -351,3 +351,238 @@ def test_train_flags_are_final_once_parsed_and_derived_values_stand_beside_them(
     assert (recorded["num_steps"], recorded["gradient_accumulation_steps"]) == (31, 4)
     assert (args.num_steps, args.gradient_accumulation_steps) == (None, "auto")
     assert train_flags.parse_flags(["--name", "r"]).num_steps == train_flags.DEFAULT_STEPS
+
+
+# ---------------------------------------------------------------------------------------------
+# Values no flag takes: refused as the command line is parsed, before anything else happens
+
+
+def train_refusal(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """train.py's command line in this process, as run_main runs it; its one error line."""
+    with pytest.raises(SystemExit) as stopped:
+        run_main(lambda: train.main(argv), "train.py")
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2, err
+    # argparse names the program after sys.argv[0], run_main "train.py"
+    assert err.count("\n") == 1 and re.match(r"[\w.]+: error: ", err), err
+    return err
+
+
+def finished_files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, subset: Path) -> list[str]:
+    """The command line of a finished two-step run on the CIFAR-10 subset."""
+    from tests.test_train import SMALL
+
+    root = tmp_path_factory.mktemp("finished")
+    argv = ["--name", "done", *SMALL, "--pretrained_dir", "none", "--data_dir", str(subset),
+            "--output_dir", str(root / "out"), "--logdir", str(root / "logs"),
+            "--train_batch_size", "16", "--eval_batch_size", "512", "--device", "cpu",
+            "--img_size", "16", "--num_steps", "2", "--eval_every", "2"]  # fmt: skip
+    assert train.main(argv) == 0
+    assert (root / "out" / "done_checkpoint.bin").is_file()
+    return argv
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--learning_rate", "nan"], ["--learning_rate", "inf"], ["--max_grad_norm", "inf"],
+     ["--weight_decay", "-inf"], ["--num_epochs", "1e400"], ["--fp16", "--loss_scale", "nan"]],
+    ids=" ".join,
+)  # fmt: skip
+def test_overwrite_with_a_non_finite_flag_deletes_nothing(
+    finished_run: list[str], flags: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    """nan and inf got past every start-up check (``value <= 0`` is False for nan), so
+    --overwrite deleted the finished run and then trained to nan (or took --loss_scale nan for
+    dynamic scaling): now the flag is refused in one line and the finished files stay."""
+    root = Path(finished_run[finished_run.index("--output_dir") + 1]).parent
+    before = finished_files(root)
+    err = train_refusal([*finished_run, "--overwrite", *flags], capsys)
+    assert f"argument {flags[-2]}: {flags[-1]} is not a finite number" in err
+    assert finished_files(root) == before
+
+
+def numeric_flags() -> list[argparse.Action]:
+    """train.py's flags whose values are numbers, found from the parser: a flag added later is
+    covered without a word here."""
+
+    def numeric(action: argparse.Action) -> bool:
+        try:
+            return action.nargs != 0 and isinstance((action.type or str)("1"), int | float)
+        except (TypeError, ValueError):
+            return False
+
+    return [a for a in flag_actions(train_flags.build_parser()) if numeric(a)]
+
+
+NON_FINITE = ["nan", "inf", "-inf", "1e400", "-1e400"]  # the last two overflow a float
+BEYOND_INT64 = [str(10**30), str(-(10**30))]
+NUMBER_CASES = [
+    (action.option_strings[0], value)
+    for action in numeric_flags()
+    for value in NON_FINITE
+    + (BEYOND_INT64 if isinstance(action.type("1"), int) else [])
+    # and negative, where the default is not: a count, a rate, a size
+    + ([] if isinstance(action.default, int) and action.default < 0 else ["-1"])
+]
+
+
+def test_the_numeric_flags_are_found() -> None:
+    found = {flag for flag, _ in NUMBER_CASES}
+    assert {"--learning_rate", "--loss_scale", "--img_size", "--seed", "--local_rank"} <= found
+    assert "--gradient_accumulation_steps" in found and "--name" not in found
+
+
+@pytest.mark.parametrize(("flag", "value"), NUMBER_CASES, ids=lambda v: str(v)[:12])
+def test_every_numeric_flag_refuses_values_beyond_its_range_in_one_line(
+    flag: str, value: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nan, +-inf, a float overflowing to inf, an integer beyond 64 bits, and a negative count:
+    one line naming the flag, exit code 2, before the process joins a group or reads a file."""
+    monkeypatch.setattr(train.dist, "setup", lambda *a: pytest.fail(f"{flag} {value} accepted"))
+    err = train_refusal(["--name", "x", "--model_type", "testing", "--img_size", "32",
+                         flag, value], capsys)  # fmt: skip
+    assert flag in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("model_type", "img_size", "largest"),
+    [("ViT-B_16", "4096", 1024), ("ViT-B_16", "100000", 1024), ("R50-ViT-B_16", "2048", 1024),
+     ("ViT-B_32", "4096", 2048), ("testing", "4096", 256)],
+)  # fmt: skip
+def test_a_huge_img_size_is_refused_before_the_memory_measurement(
+    model_type: str, img_size: str, largest: int, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """4096 px hung for minutes in the start-up memory measurement, 100000 px ended in a 40 GB
+    allocation's traceback: more patches than a 64x64 grid are refused with the largest size
+    that is not, which passes."""
+    monkeypatch.setattr(train.dist, "setup", lambda *a: pytest.fail("went past check_args"))
+    err = train_refusal(["--name", "x", "--model_type", model_type, "--img_size", img_size],
+                        capsys)  # fmt: skip
+    assert f"--img_size {img_size} makes" in err and "64x64 grid" in err
+    assert f"Use --img_size {largest} or less" in err
+    parser = train_flags.build_parser()
+    train_flags.check_args(
+        parser.parse_args(["--name", "x", "--model_type", model_type, "--img_size", str(largest)])
+    )
+
+
+@pytest.mark.parametrize("flags", [["--name", ""], ["--name", "x", "--data_dir", ""],
+                                   ["--name", "x", "--output_dir="]])  # fmt: skip
+def test_an_empty_value_is_refused_naming_its_flag(
+    flags: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'' was taken for an @FILE (every string starts with ''), and for a path it means the
+    current folder: an unset shell variable, refused by name."""
+    monkeypatch.setattr(train.dist, "setup", lambda *a: pytest.fail("went past check_args"))
+    err = train_refusal(flags, capsys)
+    flag = flags[-2] if flags[-1] == "" else flags[-1].rstrip("=")
+    assert f"argument {flag}: empty value" in err and "@" not in err
+
+
+def test_launchers_flag_without_a_launcher_is_one_line(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--local_rank 3 typed by hand ended in torch.distributed's traceback (RANK not set)."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    err = train_refusal(["--name", "x", "--model_type", "testing", "--img_size", "32",
+                         "--local_rank", "3"], capsys)  # fmt: skip
+    assert "--local_rank 3 is for launchers" in err and "leave it out" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Close matches, and train.py's --help in groups as docs/flags.md
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [(["--lerning_rate", "0.1"], "unrecognized arguments: --lerning_rate 0.1; did you mean "
+                                 "--learning_rate?"),
+     (["--num-stepz=5"], "did you mean --num_steps?"),
+     (["--model_type", "ViT-B16"], "invalid choice: 'ViT-B16'; did you mean ViT-B_16?"),
+     (["--model_type", "vit-b_16"], "did you mean ViT-B_16?"),
+     (["--dataset", "cifar-10"], "did you mean cifar10?")],
+    ids=lambda v: v[0] if isinstance(v, list) else None,
+)  # fmt: skip
+def test_a_misspelt_flag_or_choice_gets_the_close_one(
+    typed: list[str], meant: str, capsys: pytest.CaptureFixture
+) -> None:
+    err = train_refusal(["--name", "x", *typed], capsys)
+    assert meant in err
+    assert "Mixer-L_16" not in err, "the close match, not every choice"
+
+
+def test_a_choice_close_to_none_lists_them_all(capsys: pytest.CaptureFixture) -> None:
+    err = train_refusal(["--name", "x", "--model_type", "zzz"], capsys)
+    assert "invalid choice: 'zzz'; choose from ViT-Ti_16," in err and "Mixer-L_16" in err
+
+
+def help_groups(text: str) -> dict[str, list[str]]:
+    """Group title -> its flags, in the order --help prints them."""
+    groups: dict[str, list[str]] = {}
+    for block in text.split("\n\n"):
+        title, _, body = block.partition(":\n")
+        if body.startswith("  -") and "\n" not in title:
+            groups[title.lower()] = re.findall(r"(?m)^  (--\w+)", body)
+    return groups
+
+
+def test_train_help_is_in_groups_with_each_model_type_once() -> None:
+    done = subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "100"},
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stderr == ""
+    text = done.stdout
+    # the types once, in --model_type's help (argparse's {ViT-Ti_16,...} put them in the usage
+    # line and again in the option column)
+    assert " ".join(text.split()).count(", ".join(CONFIGS)) == 1 and "{ViT" not in text
+    assert text.count("Mixer-L_16") == 2  # in the list, and in --pretrained_dir's default
+    groups = help_groups(text)
+    del groups["options"]  # -h, --help
+    assert len(groups) >= 6 and all(len(flags) <= 8 for flags in groups.values())
+    parser = train_flags.build_parser()
+    assert sorted(sum(groups.values(), [])) == sorted(
+        a.option_strings[0] for a in flag_actions(parser) if a.option_strings[0] != "-h"
+    )
+    assert len(text.splitlines()) < 139  # a flat list of 139 lines before
+
+
+def test_docs_flags_table_has_helps_groups_and_order() -> None:
+    """docs/flags.md says --help prints the same list: the same groups, flags and order."""
+    page = (REPO / "docs" / "flags.md").read_text().split("\n## All flags\n")[1]
+    documented = {}
+    for section in page.split("\n### ")[1:]:
+        title = section.splitlines()[0].strip().lower()
+        documented[title] = re.findall(r"(?m)^\| `(--\w+)", section)
+    groups = help_groups(train_flags.build_parser().format_help())
+    del groups["options"]
+    assert documented == groups
+
+
+def test_flag_files_that_include_each_other_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A flag file that includes itself, or two that include each other: argparse would recurse
+    until Python's limit and print a RecursionError."""
+    monkeypatch.chdir(tmp_path)
+    Path("self.txt").write_text("--num_steps 5\n@self.txt\n")
+    Path("a.txt").write_text("@b.txt\n")
+    Path("b.txt").write_text("--seed 3 @a.txt\n")
+    for flag_file in ("@self.txt", "@a.txt"):
+        with pytest.raises(SystemExit) as stopped:
+            run_main(lambda f=flag_file: train.main(["--name", "x", f]), "train.py")
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "flag files include each other more than 16 deep; does one include itself?" in err
+    Path("base.txt").write_text("--seed 3\n")
+    Path("recipe.txt").write_text("@base.txt --num_steps 700\n")  # an include without a loop
+    assert train_flags.parse_flags(["--name", "x", "@recipe.txt"]).num_steps == 700

@@ -69,3 +69,18 @@ def test_train_refuses_it_at_argument_check_time_in_one_line(
     assert (
         err == "train.py: error: --config transformer.dropout_rate=nan: must be a rate in [0, 1)\n"
     )
+
+
+def test_an_override_that_makes_too_many_patches_is_refused_before_anything_runs(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The patch bound counts the config's patches, overrides included: 1-px patches make a
+    224 px image 50176 tokens, which the start-up memory measurement would take minutes over."""
+    monkeypatch.setattr(dist, "setup", lambda *a: pytest.fail("went past check_args"))
+    argv = ["--name", "x", "--model_type", "testing", "--img_size", "224", "--pretrained_dir",
+            "none", "--config", "patches.size=1,1"]  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        run_main(lambda: train.main(argv), "train.py")
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1
+    assert "--img_size 224 makes 50176 patches of 1 px" in err and "Use --img_size 64" in err

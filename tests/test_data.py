@@ -10,6 +10,8 @@ import itertools
 import math
 import os
 import pickle
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -542,3 +544,149 @@ def test_resize_is_torchvisions_for_float_images(size: int) -> None:
     torch.testing.assert_close(resize(crop, size), expected, rtol=0, atol=1e-4)
     expected = TF.resize(image, [size, size], InterpolationMode.BILINEAR, antialias=True)
     torch.testing.assert_close(resize(image, size), expected, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run read: every split, and the same data in every process and on resume
+
+
+def shuffled(folder: Path) -> None:
+    """A CIFAR folder's images and labels in another order, in each file."""
+    for path in folder.glob("*_batch*"):
+        batch = pickle.loads(path.read_bytes(), encoding="bytes")
+        order = np.random.default_rng(0).permutation(len(batch[b"labels"]))
+        batch[b"data"] = np.ascontiguousarray(batch[b"data"][order])
+        batch[b"labels"] = [batch[b"labels"][i] for i in order]
+        write_pickle(path, batch)
+
+
+def cut(folder: Path, keep: int, *names: str) -> None:
+    """The CIFAR files ``names`` cut to their first ``keep`` images, as a copy cut short."""
+    for name in names:
+        batch = pickle.loads((folder / name).read_bytes(), encoding="bytes")
+        batch[b"data"] = np.ascontiguousarray(batch[b"data"][:keep])
+        batch[b"labels"] = list(batch[b"labels"][:keep])
+        write_pickle(folder / name, batch)
+
+
+def train_on(root: Path, capsys: pytest.CaptureFixture, *extra: str) -> tuple[int, str]:
+    """train.py in this process on the CIFAR under ``root``: (exit code, its error lines)."""
+    from tests.test_train import SMALL, run_train
+
+    code, err = run_train(
+        ["--name", "r", *SMALL, "--pretrained_dir", "none", "--data_dir", str(root),
+         "--output_dir", str(root / "out"), "--logdir", str(root / "logs"),
+         "--train_batch_size", "2", "--num_steps", "1", "--eval_every", "1", *extra],
+        capsys,
+    )  # fmt: skip
+    return code, [line for line in err.splitlines() if "error" in line or "Traceback" in line]
+
+
+SPLITS = {  # (files cut, images kept, flags): CIFAR of 4 images a file
+    "train empty": (SPEC.train_files, 0, []),
+    "train of one image": (SPEC.train_files[1:], 0, ["--train_batch_size", "1"]),
+    "test empty": (SPEC.test_files, 0, []),
+    "test of one image": (SPEC.test_files, 1, []),
+    "validation empty": ((), 0, ["--val_split", "0.01"]),
+    "validation of one image": ((), 0, ["--val_split", "0.05"]),
+}
+
+
+@pytest.mark.parametrize("case", SPLITS)
+def test_a_split_empty_or_of_one_image_is_one_line_or_trains(
+    tmp_path: Path, case: str, capsys: pytest.CaptureFixture
+) -> None:
+    """An empty split is refused in one line naming it; one of a single image trains. (An empty
+    batch file, as Python 3 writes one, was once refused as corrupt.)"""
+    names, keep, flags = SPLITS[case]
+    folder = write_cifar10(tmp_path)
+    cut(folder, keep, *names)
+    if case == "train of one image":
+        cut(folder, 1, "data_batch_1")
+    code, lines = train_on(tmp_path, capsys, *flags)
+    refusal = {
+        "train empty": f"{folder} holds no training images (data_batch_1, data_batch_2, "
+        "data_batch_3, data_batch_4, data_batch_5 are empty); delete the folder to download "
+        "CIFAR-10 again, or pass another --data_dir",
+        "test empty": f"{folder} holds no test images (test_batch is empty)",
+        "validation empty": "--val_split 0.01: a validation fraction of 0.01 of 20 images "
+        "leaves a split empty",
+    }.get(case)
+    if refusal is None:
+        assert code == 0 and lines == [], lines
+    else:
+        assert code == 2 and len(lines) == 1 and refusal in lines[0], lines
+
+
+def test_a_resume_on_other_data_is_refused_naming_the_numbers(
+    tmp_path: Path, subset: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A run's state records what it read; a resume whose --data_dir now holds fewer images,
+    or the same in another order, is refused in one line; a state written before runs recorded
+    their data resumes as it did."""
+    data = tmp_path / "data"
+    folder = data / SPEC.folder
+    shutil.copytree(subset / SPEC.folder, folder)
+    kept = tmp_path / "kept"
+    shutil.copytree(folder, kept)
+    assert train_on(data, capsys) == (0, [])
+    state = data / "out" / "r_last.pt"
+    assert torch.load(state, weights_only=True)["args"]["data"].keys() == {"train", "test"}
+    resume = ["--resume", "auto", "--num_steps", "2"]
+    cut(folder, 300, "data_batch_1", "test_batch")
+    code, lines = train_on(data, capsys, *resume)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0] == (
+        f"train.py: error: --resume {state} was trained on 5085 train / 509 test images, and "
+        f"--data_dir {data} now holds 4368 train / 300 test: a resume trains on what the run "
+        "began with; pass the --data_dir it was trained on, or start a new run (another --name, "
+        "or --overwrite)"
+    )
+    shutil.rmtree(folder)
+    shutil.copytree(kept, folder)
+    shuffled(folder)
+    code, lines = train_on(data, capsys, *resume)
+    assert code == 2 and len(lines) == 1, lines
+    assert (
+        f"was trained on other images: --data_dir {data} holds as many (5085 train / 509 test), "
+        "but not the same train and test images, or not in the same order"
+    ) in lines[0]
+    older = torch.load(state, weights_only=True)
+    del older["args"]["data"]  # as every file before this check had it
+    torch.save(older, state)
+    assert train_on(data, capsys, *resume) == (0, [])
+    assert torch.load(state, weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize(
+    "images, per_process, processes, micro, fix",
+    [
+        (72, 512, 1, 1, "global batch 512 exceeds the 72 training images: pass "
+         "--train_batch_size 72 or less"),
+        (72, 512, 1, 8, "pass --train_batch_size 72 or less"),
+        (72, 512, 1, 16, "pass --train_batch_size 64 or less"),
+        (300, 256, 2, "auto", "global batch 512 (--train_batch_size 256 x 2 processes) exceeds "
+         "the 300 training images: pass --train_batch_size 150 or less"),
+        (5, 4, 2, 4, "pass --train_batch_size 2 or less, with --gradient_accumulation_steps 1"),
+        (3, 1, 4, 1, "exceeds the 3 training images: add images, or run fewer than 4 processes"),
+    ],
+)  # fmt: skip
+def test_a_batch_larger_than_the_data_names_the_largest_that_fits(
+    images: int, per_process: int, processes: int, micro: int | str, fix: str
+) -> None:
+    from models.errors import UsageError
+    from utils.data.datasets import check_global_batch
+
+    with pytest.raises(UsageError, match=re.escape(fix)):
+        check_global_batch(images, per_process, processes, micro)
+    check_global_batch(images, images // processes, processes, 1)  # the advice fits
+
+
+def test_the_batch_advice_followed_trains(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_cifar10(tmp_path)
+    code, lines = train_on(tmp_path, capsys, "--train_batch_size", "512")
+    assert code == 2 and lines == [
+        "train.py: error: global batch 512 exceeds the 20 training images: pass "
+        "--train_batch_size 20 or less"
+    ]
+    assert train_on(tmp_path, capsys, "--train_batch_size", "20") == (0, [])

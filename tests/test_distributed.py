@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ import torch
 
 import train
 from models.errors import UsageError
+from tests.test_data import cut, shuffled
 from tests.test_train import SMALL, closed_port, run_cli
 from utils.runtime import distributed as dist
 from utils.training import learner as learner_module
@@ -330,3 +332,57 @@ def test_compiled_ddp_with_accumulation_equals_eager(tmp_path: Path, subset: Pat
     assert compiled.returncode == 0, compiled.stderr[-3000:]
     compiled_state, eager_state = (last_state(tmp_path / k, "r") for k in ("compiled", "eager"))
     assert_same_weights(compiled_state["model"], eager_state["model"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Two nodes whose copies of the data differ
+
+
+@pytest.mark.parametrize("copy", ["shuffled", "truncated", "missing"])
+def test_two_nodes_whose_data_differ_start_neither_and_leave_nothing(
+    tmp_path: Path, subset: Path, copy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two torchrun launches on 127.0.0.1 from two folders. Node 1's copy of the data holds the
+    same images in another order, or has two files cut to 300 images: both nodes refuse in the
+    same one line, naming node 1 and what it read, before training. Node 1 without data whose
+    download fails: the one line, and node 1's empty data folder is gone, as node 0's output is.
+    (Identical copies train: the two-node test above.)"""
+    monkeypatch.setenv("VIT_CIFAR_MIRROR", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("no_proxy", "*")
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        folder.mkdir()
+        if folder == folders[0] or copy != "missing":
+            shutil.copytree(subset / "cifar-10-batches-py", folder / "data" / "cifar-10-batches-py")
+    if copy == "shuffled":
+        shuffled(folders[1] / "data" / "cifar-10-batches-py")
+    elif copy == "truncated":
+        cut(folders[1] / "data" / "cifar-10-batches-py", 300, "data_batch_1", "test_batch")
+    args = ["--name", "differ", *SMALL, "--data_dir", "data", "--pretrained_dir", "none",
+            "--output_dir", "output", "--logdir", "logs", "--train_batch_size", "4"]  # fmt: skip
+    port = closed_port()
+    launches = [node(folder, rank, port, args) for rank, folder in enumerate(folders)]
+    watchdog(launches, 300)
+    outputs = [launches[0].communicate(timeout=300)[0]]
+    launches[1].wait(timeout=300)
+    outputs.append((tmp_path / "node1.log").read_text())
+    lines = [[line for line in out.splitlines() if "train.py: error" in line] for out in outputs]
+    assert len(lines[0]) == 1 and lines[0] == lines[1], outputs
+    assert "exitcode  : 2" in outputs[0] and "exitcode  : 2" in outputs[1], outputs
+    # torchrun's own traceback follows (ChildFailedError, "exitcode  : 2"); none of ours
+    assert not re.search(r'File "[^"]*/(train\.py|utils/)', "".join(outputs)), outputs
+    here = [f"{folder}/data/cifar-10-batches-py" for folder in folders]
+    host = socket.gethostname()
+    expected = {
+        "shuffled": f"the nodes' copies of the data differ: rank 1 (node 1, host {host}) read "
+        f"5085 train images from {here[1]}, rank 0 (node 0, host {host}) 5085 from {here[0]}: "
+        "as many, but not the same images or not in the same order; give every node the same "
+        "copy of --data_dir data",
+        "truncated": f"the nodes' copies of the data differ: rank 1 (node 1, host {host}) read "
+        f"4368 train images from {here[1]}, rank 0 (node 0, host {host}) 5085 from {here[0]}; "
+        "give every node the same copy of --data_dir data",
+        "missing": f"CIFAR-10 not found in {here[1]} (expected data_batch_1, ",
+    }[copy]
+    assert lines[0][0].startswith(f"train.py: error: {expected}"), lines[0][0]
+    assert sorted(p.name for p in folders[0].iterdir()) == ["data"]
+    assert sorted(p.name for p in folders[1].iterdir()) == ([] if copy == "missing" else ["data"])

@@ -289,3 +289,58 @@ def test_training_goes_on_past_an_image_that_fails_when_read(
     for bad in ("train/cat/1bad.jpg", "val/dog/0bad.jpg"):
         assert f"skipping {root / bad}: OSError: image file is truncated" in err
     assert "2 unreadable image(s) skipped, each named in a warning" in err
+
+
+@pytest.mark.parametrize("case", ["one class", "no class", "an empty val class"])
+def test_a_folder_that_cannot_train_a_classifier_is_one_line(
+    tmp_path: Path, case: str, capsys: pytest.CaptureFixture
+) -> None:
+    """One class would train to accuracy 1 and loss 0, saying nothing: refused, as are a train/
+    without classes and a val/ class without images."""
+    from tests.test_train import run_train
+
+    root = tmp_path / "images"
+    train = {"one class": {"cat": ["0.png", "1.png"]}, "no class": {},
+             "an empty val class": {"cat": ["0.png"], "dog": ["0.png"]}}[case]  # fmt: skip
+    (root / "train").mkdir(parents=True)
+    folder(root / "train", train)
+    val = {"cat": ["0.png"], "dog": []} if case == "an empty val class" else {"cat": ["0.png"]}
+    folder(root / "val", val)
+    code, err = run_train(
+        ["--name", "one", *SMALL, "--dataset", "imagefolder", "--data_dir", str(root),
+         "--pretrained_dir", "none", "--output_dir", str(tmp_path / "out"),
+         "--logdir", str(tmp_path / "logs"), "--train_batch_size", "2", "--num_steps", "1"],
+        capsys,
+    )  # fmt: skip
+    train = root / "train"
+    expected = {
+        "one class": f"{train} has one class folder, cat: a classifier needs two or more; add "
+        f"{train}/<another class>/<images>",
+        "no class": f"{train} has no class folders; expected {train}/<class>/<images>",
+        "an empty val class": f"class folder {root / 'val' / 'dog'} has no readable images",
+    }[case]
+    assert code == 2 and err.strip() == f"train.py: error: {expected}", err
+    assert not (tmp_path / "out").exists()
+
+
+def test_what_a_run_read_of_a_folder_changes_with_its_files_not_its_place(tmp_path: Path) -> None:
+    """Paths (relative), sizes and classes: a copy reads the same, a file less or edited not."""
+    import shutil
+
+    def read(root: Path):
+        return build_datasets("imagefolder", root, 16, 0, 0, False).read
+
+    first = folder(tmp_path / "a", {"cat": ["0.png", "1.png"], "dog": ["0.png"]})
+    (tmp_path / "a" / "train").mkdir()
+    for name in ("cat", "dog"):
+        shutil.copytree(first / name, first / "train" / name)
+    shutil.copytree(first / "train", first / "val")
+    shutil.copytree(first, tmp_path / "b")
+    assert read(first) == read(tmp_path / "b") and read(first)["train"].images == 3
+    assert read(first).keys() == {"train", "val"}
+    (tmp_path / "b" / "val" / "cat" / "1.png").unlink()
+    assert read(first)["val"] != read(tmp_path / "b")["val"]
+    assert read(first)["train"] == read(tmp_path / "b")["train"]
+    noise(30, 30).save(tmp_path / "b" / "train" / "cat" / "0.png")
+    assert read(first)["train"] != read(tmp_path / "b")["train"]
+    assert read(first)["train"].images == read(tmp_path / "b")["train"].images

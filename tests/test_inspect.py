@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from models.configs import CONFIGS, apply_overrides
 from models.errors import UsageError, UserError
@@ -27,6 +27,7 @@ from utils.data.augment import CifarDataset
 from utils.data.cifar import load_cifar
 from utils.data.class_names import CIFAR10_CLASSES, CIFAR100_CLASSES
 from utils.inspection.figures import (
+    BLACK,
     GREEN,
     RED,
     attention_figure,
@@ -545,6 +546,55 @@ def test_confusion_matrix_image_is_an_rgb_array(names: tuple[str, ...]) -> None:
     figure = confusion_matrix_image(confusion_matrix(preds, labels, k), names)
     assert figure.dtype == np.uint8 and figure.ndim == 3 and figure.shape[2] == 3
     assert 300 < figure.shape[0] < 1200 and 300 < figure.shape[1] < 1200
+
+
+def ink_bands(rows: np.ndarray) -> list[tuple[int, int]]:
+    """The runs (first, last) of consecutive row indices in ``rows`` (sorted)."""
+    bands: list[tuple[int, int]] = []
+    for r in rows.tolist():
+        if bands and r == bands[-1][1] + 1:
+            bands[-1] = (bands[-1][0], r)
+        else:
+            bands.append((r, r))
+    return bands
+
+
+def crop(ink: np.ndarray) -> np.ndarray:
+    """The inked pixels (any channel below 235) of an (H, W, 3) or (H, W) array, cut to their
+    bounding box."""
+    mask = ink.any(axis=2) if ink.ndim == 3 else ink
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return mask[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
+
+
+@pytest.mark.parametrize("k", [2, 3, 10, 100])
+def test_confusion_matrix_shows_its_title_whole_above_the_recall_heading(k: int) -> None:
+    """A 3-class figure was once 238 px wide, its title cut to "...accur..." with the "recall"
+    heading over it. The title's width as Pillow's renderer measures it fits the figure, and the
+    title is drawn whole (its ink spans that width); above the grid's frame, the "recall"
+    heading (up to 30 classes) has rows of its own, apart from the title's."""
+    names = CIFAR10_CLASSES[:k] if k <= 10 else CIFAR100_CLASSES
+    rng = np.random.default_rng(k)
+    labels = rng.integers(0, k, 509)
+    preds = np.where(rng.random(509) < 0.5, labels, rng.integers(0, k, 509))
+    cm = confusion_matrix(preds, labels, k)
+    figure = confusion_matrix_image(cm, names)
+    title = f"Confusion matrix: 509 images, accuracy {np.trace(cm) / 509:.4f}"
+    font = ImageFont.load_default(size=13)  # the figure's font for its title
+    x0, _, x1, _ = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), title, font=font)
+    assert figure.shape[1] >= x1 - x0 + 16
+
+    inked = (figure < 235).any(axis=2)
+    # The grid's frame: the first row with a line of ink longer than any text's
+    runs = [max(map(len, "".join("x" if v else " " for v in row).split()), default=0)
+            for row in inked]  # fmt: skip
+    frame = next(r for r, run in enumerate(runs) if run >= 80)
+    bands = ink_bands(np.flatnonzero(inked[:frame].any(axis=1)))
+    assert len(bands) == (2 if k <= 30 else 1), bands  # the title, then "recall"
+    # drawn whole, no ellipsis: the title's ink is that of the title drawn alone
+    alone = Image.new("RGB", (x1 - x0 + 16, 40), "white")
+    ImageDraw.Draw(alone).text((8, 8), title, fill=BLACK, font=font)
+    assert np.array_equal(crop(inked[: bands[0][1] + 1]), crop(np.asarray(alone) < 235))
 
 
 def test_prediction_grid_frames_right_green_and_wrong_red() -> None:

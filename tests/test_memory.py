@@ -9,14 +9,19 @@ chooses micro-batches, must cover that peak.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.test_train import REPO
+from utils.training import memory
+from utils.training.memory import GIB, StepMemory, StepToFit
+from utils.training.precision import Precision
 
 pytestmark = pytest.mark.slow
 
@@ -80,3 +85,36 @@ def test_the_least_a_step_needs_is_below_a_real_steps_peak(precision: str) -> No
     peak = 4 * measured["parameters"] + measured["growth"]  # momentum + the step's growth
     assert measured["least"] <= peak <= measured["needed"], measured
     assert peak <= 1.15 * measured["least"], measured  # and close: a refusal is not too timid
+
+
+# ViT-B/16 at 224 px in fp32, as ``measure_step`` finds it on this CPU: 0.14 GiB per image
+VIT_B16 = StepMemory(per_image=150_284_328, per_step=82_575_360, parameters=85_806_346)
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "micro_batches"),
+    [(12, 16), (17.5, 8), (24, 8), (3, 64)],
+    ids=["12GiB", "17.5GiB", "24GiB", "3GiB"],
+)
+def test_auto_on_the_cpu_keeps_a_share_of_the_free_memory(
+    free_gib: float, micro_batches: int, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """The README's step (512 images) on a CPU: ``auto`` plans with the free memory less
+    max(2 GiB, 15 %) of it, which other processes may take while a step runs. With 12 GiB free
+    it once took micro-batches of 64 (11.1 GiB by the estimate, 0.9 GiB to spare); now 32. Where
+    not even one image fits beside that share (3 GiB free), it plans with all of it rather than
+    going one image at a time."""
+    free = int(free_gib * GIB)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free)
+    cpu = torch.device("cpu")
+    fit = StepToFit(torch.nn.Linear(1, 1), "ViT-B_16", 224, 512, Precision("fp32", cpu, 0), False)
+    with caplog.at_level(logging.INFO, logger="vit"):
+        assert fit.fewest_micro_batches(VIT_B16, resumed=None) == micro_batches
+    kept = max(2 * GIB, 0.15 * free) if free_gib > 3 else 0
+    micro = 512 // micro_batches
+    assert VIT_B16.needed(micro) <= free - kept < VIT_B16.needed(2 * micro)  # the fewest
+    assert (
+        f"--gradient_accumulation_steps auto: {micro_batches} micro-batches of {micro} images, "
+        f"the fewest that fit in the {free / GIB:.1f} GiB free, from the memory estimate, "
+        f"keeping {kept / GIB:.1f} GiB of it for other processes"
+    ) in caplog.text

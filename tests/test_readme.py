@@ -270,6 +270,7 @@ def test_the_headline_command_at_its_real_size_sets_up_and_starts(
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "cifar-10-batches-py").symlink_to(subset / "cifar-10-batches-py")
     monkeypatch.setattr(memory, "available_bytes", lambda device: free_gib * 2**30)
+    monkeypatch.setattr(memory, "CPU_HEADROOM", (0, 0.0))  # a card's memory, no other processes
     real_batches, begun = BatchSource.training_batches, []
 
     def first_batch_then_signal(data_path, *args):

@@ -163,7 +163,7 @@ def test_num_epochs_sets_the_steps(subset: Path, tmp_path: Path, capfd) -> None:
         (["--num_epochs", "0"], "--num_epochs must be positive"),
         (["--num_epochs", "0.001"], "is less than one global batch of 16; raise --num_epochs"),
         (["--num_epochs", "0.01", "--warmup_steps", "5"], "is not below the run's 3 steps"),
-        (["--gradient_accumulation_steps", "often"], "invalid accumulation value: 'often'"),
+        (["--gradient_accumulation_steps", "often"], "'often' is neither a count nor auto"),
         (["--save_every", "0"], "--save_every must be positive"),
     ],
 )

@@ -6,18 +6,25 @@ The grammar, the same in every script: each ``--flag_name`` is also accepted as 
 recipe), and flags typed after it override it, as a later flag overrides an earlier one. A
 repeatable flag (``--config``) adds to the file's values instead; for ``--config`` the later
 ``KEY=VALUE`` of a key wins, so the effect is the same.
+
+One rule per kind of value, for every flag of every script: a float must be finite (nan and inf
+get past every ``<= 0`` check), an integer must fit in 64 bits (what PyTorch and NumPy hold), and
+no value may be empty (an unset shell variable). A misspelt flag or choice gets the close match.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import logging
+import math
 import multiprocessing
 import os
 import shlex
 import signal
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,6 +38,17 @@ Every --flag_name is also accepted as --flag-name. @FILE reads flags from FILE, 
 as you like, a # starting a comment; flags typed after @FILE override its own."""
 
 
+class Help(argparse.RawDescriptionHelpFormatter):
+    """argparse's help layout, but a line breaks between words only: never inside a model
+    type (``ViT-\\nH_14``) or a path."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+MAX_FLAG_FILE_DEPTH = 16  # @FILEs inside @FILEs: a recipe that includes a base, and so on
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the grammar above, which reports a bad flag in one line (no usage dump),
     with exit code 2."""
@@ -39,9 +57,51 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("fromfile_prefix_chars", "@")
         kwargs.setdefault("epilog", GRAMMAR)
         super().__init__(*args, **kwargs)
+        # argparse looks each type= up here first: the rules above hold for every flag, those
+        # of argument groups too, without each flag having to ask for them
+        self.register("type", float, finite_float)
+        self.register("type", int, int64)
+        self.register("type", None, non_empty)
+        self.register("type", str, non_empty)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """argparse's, with the flag meant for each unrecognized one, where one is close."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            known = [o for o in self._option_string_actions if o.startswith("--")]
+            meant = {}
+            for word in extras:
+                flag = word.partition("=")[0]
+                if flag.startswith("--") and (close := close_match(flag.replace("-", "_"), known)):
+                    meant[flag] = close
+            hint = ", ".join(m if len(meant) == 1 else f"{m} (for {f})" for f, m in meant.items())
+            self.error(
+                f"unrecognized arguments: {' '.join(extras)}"
+                + (f"; did you mean {hint}?" if hint else "")
+            )
+        return parsed
+
+    def _parse_optional(self, arg_string: str):  # type: ignore[no-untyped-def]
+        """A number is a value, never a flag: argparse takes ``-1`` and ``-0.5`` as values, but
+        ``-1e-4`` and ``-inf`` as unknown flags ("expected one argument")."""
+        with contextlib.suppress(ValueError):
+            float(arg_string)
+            return None
+        return super()._parse_optional(arg_string)
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        """A value outside the choices: the close one where there is one, else all of them."""
+        if action.choices is None or value in action.choices:
+            return
+        choices = [str(choice) for choice in action.choices]
+        close = close_match(str(value), choices)
+        hint = f"did you mean {close}?" if close else f"choose from {', '.join(choices)}"
+        raise argparse.ArgumentError(action, f"invalid choice: {value!r}; {hint}")
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -52,6 +112,21 @@ class Parser(argparse.ArgumentParser):
         end = tokens.index("--") if "--" in tokens else len(tokens)  # then positionals only
         tokens[:end] = [self._underscored(token) for token in tokens[:end]]
         return super().parse_known_args(tokens, namespace)
+
+    def _read_args_from_files(self, arg_strings: list[str]) -> list[str]:
+        """argparse's reading of @FILEs, which recurses into an @FILE inside one: a file that
+        includes itself, directly or through others, is one line, not a RecursionError."""
+        self._flag_file_depth = getattr(self, "_flag_file_depth", 0) + 1
+        try:
+            if self._flag_file_depth > MAX_FLAG_FILE_DEPTH:
+                files = [token for token in arg_strings if token.startswith("@")]
+                self.error(
+                    f"{' '.join(files) or '@FILE'}: flag files include each other more than "
+                    f"{MAX_FLAG_FILE_DEPTH} deep; does one include itself? Remove that line"
+                )
+            return super()._read_args_from_files(arg_strings)
+        finally:
+            self._flag_file_depth -= 1
 
     def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
         """One line of an @FILE: its words, split and quoted as a shell would, up to a ``#`` that
@@ -66,7 +141,7 @@ class Parser(argparse.ArgumentParser):
 
     def _check_flag_file(self, token: str) -> None:
         """Name a missing @FILE in one line (argparse would print errno and the open() text)."""
-        if token[:1] not in (self.fromfile_prefix_chars or ""):
+        if not token.startswith(tuple(self.fromfile_prefix_chars or "")):  # '' is no @FILE
             return
         path = Path(token[1:])
         if not path.is_file():
@@ -103,6 +178,48 @@ class StoreOverriding(argparse.Action):
             setattr(namespace, dest, None)
 
 
+LARGEST_INT = 2**63 - 1  # of an int64: what PyTorch and NumPy hold
+
+
+def finite_float(text: str) -> float:
+    """A float flag's value: nan and inf are refused here, before any check they would pass."""
+    value = float(text)
+    if not math.isfinite(value):
+        overflow = text.strip().lower().lstrip("+-") not in ("nan", "inf", "infinity")
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a finite number" + (f" (it overflows to {value})" if overflow else "")
+            + "; give a finite value"
+        )  # fmt: skip
+    return value
+
+
+def int64(text: str) -> int:
+    """An integer flag's value: one that fits in 64 bits, as the tensors and seeds that take it."""
+    value = int(text)
+    if abs(value) > LARGEST_INT:
+        raise argparse.ArgumentTypeError(
+            f"{text} is beyond the 64-bit range (at most {LARGEST_INT} either way); give a "
+            "smaller value"
+        )
+    return value
+
+
+def non_empty(text: str) -> str:
+    """A text flag's value: an empty one is most often an unset shell variable, and would
+    otherwise mean the current folder to a path flag."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty value; give one (is a shell variable unset?)")
+    return text
+
+
+def close_match(word: str, candidates: list[str]) -> str | None:
+    """The candidate closest to ``word`` (case aside), if any is close: difflib's measure, as
+    argparse's own suggestions (Python 3.14) use, a little stricter (ViT-X_99 is not ViT-B_8)."""
+    lowered = {candidate.lower(): candidate for candidate in candidates}
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.7)
+    return lowered[close[0]] if close else None
+
+
 def without_comment(line: str) -> str:
     """``line`` up to a ``#`` that starts a word outside quotes (``run#2`` keeps its ``#``)."""
     quote = None
@@ -116,16 +233,21 @@ def without_comment(line: str) -> str:
     return line
 
 
-def add_model_args(parser: argparse.ArgumentParser, from_checkpoint: bool = False) -> None:
+Flags = argparse.ArgumentParser | argparse._ArgumentGroup  # where flags are added
+
+
+def add_model_args(parser: Flags, from_checkpoint: bool = False) -> None:
     """``--model_type``, ``--config``, ``--img_size``. With ``from_checkpoint`` they default to
-    None: the scripts that load a trained model take what its checkpoint records instead."""
+    None: the scripts that load a trained model take what its checkpoint records instead. The
+    types are listed once, in the help text (argparse's {a,b,...} would list them twice)."""
     recorded = "the checkpoint's, else " if from_checkpoint else ""
     recorded_config = "the checkpoint's" if from_checkpoint else "none"
     parser.add_argument(
         "--model_type",
         choices=list(CONFIGS),
+        metavar="TYPE",
         default=None if from_checkpoint else "ViT-B_16",
-        help=f"which variant to use (default: {recorded}ViT-B_16)",
+        help=f"which variant to use: {', '.join(CONFIGS)} (default: {recorded}ViT-B_16)",
     )
     parser.add_argument(
         "--config",
@@ -138,12 +260,13 @@ def add_model_args(parser: argparse.ArgumentParser, from_checkpoint: bool = Fals
     parser.add_argument(
         "--img_size",
         type=int,
+        metavar="PX",
         default=None if from_checkpoint else 224,
         help=f"input resolution in pixels (default: {recorded}224)",
     )
 
 
-def add_data_on_device_arg(parser: argparse.ArgumentParser) -> None:
+def add_data_on_device_arg(parser: Flags) -> None:
     parser.add_argument(
         "--data_on_device",
         choices=["auto", "on", "off"],

@@ -125,6 +125,8 @@ class _NumpyUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),  # how Python 3 writes bytes at protocol 2
+        # ... and empty bytes (an empty batch's data), as bytes()
+        *((builtins, "bytes") for builtins in ("builtins", "__builtin__")),
         *((f"numpy.{core}.multiarray", "_reconstruct") for core in ("core", "_core")),
         *((f"numpy.{core}.multiarray", "scalar") for core in ("core", "_core")),
         *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),

@@ -65,6 +65,10 @@ def confusion_matrix_image(cm: np.ndarray, class_names: Sequence[str]) -> np.nda
     """The matrix as a picture: rows true classes, columns predictions, cells shaded by the
     fraction of their row. Up to 30 classes each cell shows its count and each row its recall; with
     more (CIFAR-100) the cells are small squares and only every tenth index is marked.
+
+    The layout is measured, not fixed: the figure is at least as wide as its title, whole (the
+    matrix centred below it when narrower: 2 or 3 classes), and the title, the "recall" heading
+    and the grid each have rows of their own.
     """
     cm = _to_numpy(cm).astype(np.int64)
     k = cm.shape[0]
@@ -72,22 +76,27 @@ def confusion_matrix_image(cm: np.ndarray, class_names: Sequence[str]) -> np.nda
         raise ValueError(f"a {cm.shape} matrix for {len(class_names)} class names")
     labelled = k <= 30
     font, small = _font(13), _font(11)
-    cell = 40 if labelled else max(6, 600 // k)
-    names = [str(n) for n in class_names] if labelled else [str(i) for i in range(k)]
-    name_width = max(_text_width(small, n) for n in names) + 8
-    left = 24 + name_width  # "true" axis title, then the row names
-    top = 34  # the title
-    grid = cell * k
-    right = 64 if labelled else 16  # the recall column
-    bottom = (name_width if labelled else 16) + 26  # column names, the "predicted" axis title
-    width, height = left + grid + right, top + grid + bottom
-    image = Image.new("RGB", (width, height), WHITE)
-    draw = ImageDraw.Draw(image)
-
     total, correct = int(cm.sum()), int(np.trace(cm))
     accuracy = correct / total if total else float("nan")
     title = f"Confusion matrix: {total} images, accuracy {accuracy:.4f}"
-    draw.text((8, 9), _fit(font, title, width - 16), fill=BLACK, font=font)
+    pad = 8
+
+    cell = 40 if labelled else max(6, 600 // k)
+    names = [str(n) for n in class_names] if labelled else [str(i) for i in range(k)]
+    name_width = max(_text_width(small, n) for n in names) + 8
+    grid = cell * k
+    right = 64 if labelled else 16  # the recall column
+    content = 24 + name_width + grid + right  # "true" axis title, row names, grid, recall
+    width = max(content, _text_width(font, title) + 2 * pad)
+    left = (width - content) // 2 + 24 + name_width
+    title_bottom = pad + font.getbbox(title)[3]
+    heading = -small.getbbox("recall", anchor="lb")[1] + 4 if labelled else 0  # "recall" row
+    top = title_bottom + 6 + heading
+    bottom = (name_width if labelled else 16) + 26  # column names, the "predicted" axis title
+    height = top + grid + bottom
+    image = Image.new("RGB", (width, height), WHITE)
+    draw = ImageDraw.Draw(image)
+    draw.text((pad, pad), title, fill=BLACK, font=font)
 
     rows = cm.sum(axis=1, keepdims=True)
     fractions = cm / np.maximum(rows, 1)
@@ -127,7 +136,7 @@ def confusion_matrix_image(cm: np.ndarray, class_names: Sequence[str]) -> np.nda
     draw.text((left + grid / 2, height - 6), "predicted", fill=BLACK, font=font, anchor="md")
     axis = Image.new("RGB", (grid, 18), WHITE)
     ImageDraw.Draw(axis).text((grid / 2, 9), "true", fill=BLACK, font=font, anchor="mm")
-    image.paste(axis.rotate(90, expand=True), (4, top))
+    image.paste(axis.rotate(90, expand=True), (left - name_width - 20, top))
     return np.asarray(image)
 
 

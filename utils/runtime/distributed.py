@@ -16,6 +16,7 @@ import gc
 import io
 import os
 import pickle
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -64,6 +65,13 @@ def setup(local_rank_arg: int, device: str | None) -> Context:
     return Context(0, 1, 0, dev)
 
 
+def elastic_restarts() -> int:
+    """How often ``torchrun --max-restarts`` has started this job's workers again (0: never).
+    A restarted worker goes on from the run's own last state (``--resume auto``) and must not
+    ``--overwrite`` what the first attempt wrote."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+
+
 def cleanup() -> None:
     """Leave the process group, after freeing what still holds its resources: objects in
     reference cycles are otherwise freed during the interpreter's finalisation, after the group
@@ -109,6 +117,28 @@ def gather_objects(obj: T) -> list[T]:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def place() -> str:
+    """This process in words that find it on a cluster: its rank, its node (torchrun's
+    GROUP_RANK, where set) and its host."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    node = os.environ.get("GROUP_RANK")
+    return (
+        f"rank {rank} ({f'node {node}, ' if node is not None else ''}host {socket.gethostname()})"
+    )
+
+
+def unlike_main(value: T) -> list[tuple[str, T]]:
+    """Where ``value`` is not rank 0's: ``[(rank 0's place, its value), (place, value) of each
+    process whose value differs]``, the same list on every process; empty when every process
+    agrees, as in a single process. For what must be equal everywhere before the run starts
+    (a copy of the data on each node): one exchange, not one per check."""
+    if not dist.is_initialized():
+        return []
+    everyone = gather_objects((place(), value))
+    differing = [(where, other) for where, other in everyone[1:] if other != everyone[0][1]]
+    return [everyone[0], *differing] if differing else []
 
 
 def from_main(fn: Callable[[], T], ctx: Context) -> T:

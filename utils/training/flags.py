@@ -10,13 +10,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from typing import Any
 
+import ml_collections
+
 from models.errors import UsageError
 from models.families import checked_config
-from utils.cli import Parser, StoreOverriding, add_data_on_device_arg, add_model_args
+from models.modeling_resnet import feature_grid, num_downsamples
+from utils.cli import (
+    Help,
+    Parser,
+    StoreOverriding,
+    add_data_on_device_arg,
+    add_model_args,
+    int64,
+)
 from utils.data.datasets import DATASETS
+from utils.runtime.distributed import elastic_restarts
 
 log = logging.getLogger("vit")
 
@@ -25,6 +37,7 @@ USAGE = """Fine-tune a Vision Transformer on CIFAR-10/100: one process or many, 
 python train.py --name cifar10-100_500 --model_type ViT-B_16
 torchrun --nproc_per_node=8 train.py --name cifar10-100_500 --model_type ViT-B_16 --fp16"""
 DEFAULT_STEPS = 10000  # when neither --num_steps nor --num_epochs is given
+MAX_PATCHES = 64 * 64  # the largest patch grid --img_size may make (``size_problem``)
 
 
 class FinalFlags(argparse.Namespace):
@@ -43,36 +56,52 @@ def parse_flags(argv: list[str] | None = None) -> FinalFlags:
     args = build_parser().parse_args(argv)
     if args.num_steps is None and args.num_epochs is None:
         args.num_steps = DEFAULT_STEPS
+    if elastic_restarts():  # torchrun --max-restarts started this worker again: go on
+        args.resume, args.overwrite = args.resume or "auto", False
     check_args(args)
     return FinalFlags(**vars(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True, help="name of this run: log folder and file names")
-    p.add_argument(
-        "--dataset",
-        choices=DATASETS,
-        default="cifar10",
-        help="cifar10, cifar100, or imagefolder: your own --data_dir/train/<class>/* and "
-        "val/<class>/* (default: cifar10)",
+    """The flags in groups, in the order a run needs them, for ``--help`` and docs/flags.md."""
+    p = Parser(
+        usage="%(prog)s --name NAME [FLAG ...] [@FILE ...]",
+        description=USAGE,
+        formatter_class=Help,
     )
-    p.add_argument(
-        "--val_split",
-        type=float,
-        default=0.0,
-        help="hold out this fraction of the training images (fixed by --seed) to select the best "
-        "checkpoint; the test set is then scored once, at the end. 0 selects on the test set, "
-        "as the reference does (default: 0)",
+    run = p.add_argument_group("run files and resume")
+    run.add_argument("--name", required=True, help="name of this run: log folder and file names")
+    run.add_argument(
+        "--output_dir", metavar="DIR", default="output", help="checkpoints (default: output)"
     )
-    p.add_argument(
-        "--hflip",
+    run.add_argument(
+        "--resume",
+        metavar="PATH",
+        default=None,
+        help="a <name>_last.pt to continue from, or 'auto' for this run's own, if any; with "
+        "a larger --num_steps, a finished run trains further (default: none)",
+    )
+    run.add_argument(
+        "--overwrite",
         action="store_true",
-        help="random horizontal flips, as Google's fine-tuning recipe uses (off in the reference)",
+        help="start afresh where --output_dir already holds files of this --name: they are "
+        "deleted (with the run's TensorBoard events) once every start-up check has passed; "
+        "without it such a run is refused",
     )
-    add_model_args(p)
-    p.add_argument(
+    run.add_argument(
+        "--save_every",
+        metavar="N",
+        type=int,
+        default=None,
+        help="steps between writes of <name>_last.pt, to bound the work a crash loses "
+        "(default: at each evaluation)",
+    )
+
+    model = p.add_argument_group("model")
+    add_model_args(model)
+    model.add_argument(
         "--pretrained_dir",
+        metavar="PATH",
         default=None,
         help="Google .npz checkpoint to start from, downloaded when missing and official: a "
         "path, any gs://<bucket>/<path>.npz of Google's buckets (to checkpoint/<bucket>/<path>), "
@@ -81,24 +110,94 @@ def build_parser() -> argparse.ArgumentParser:
         "file, e.g. checkpoint/ViT-B_16.npz, or for Mixer-B_16 and Mixer-L_16 "
         "gs://mixer_models/imagenet21k/<type>.npz)",
     )
-    p.add_argument("--output_dir", default="output", help="checkpoints (default: output)")
-    p.add_argument("--data_dir", default="data", help="data sets, downloaded (default: data)")
-    p.add_argument("--logdir", default="logs", help="TensorBoard runs (default: logs)")
-    p.add_argument(
+
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        metavar="NAME",
+        default="cifar10",
+        help="cifar10, cifar100, or imagefolder: your own --data_dir/train/<class>/* and "
+        "val/<class>/* (default: cifar10)",
+    )
+    data.add_argument(
+        "--data_dir", metavar="DIR", default="data", help="data sets, downloaded (default: data)"
+    )
+    data.add_argument(
+        "--val_split",
+        metavar="FRACTION",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of the training images (fixed by --seed) to select the best "
+        "checkpoint; the test set is then scored once, at the end. 0 selects on the test set, "
+        "as the reference does (default: 0)",
+    )
+    data.add_argument(
+        "--hflip",
+        action="store_true",
+        help="random horizontal flips, as Google's fine-tuning recipe uses (off in the reference)",
+    )
+    data.add_argument(
+        "--seed",
+        metavar="N",
+        type=int,
+        default=42,
+        help="data order, augmentation, init (default: 42)",
+    )
+    data.add_argument(
+        "--num_workers",
+        metavar="N",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="data-loader worker processes per training process (default: min(4, CPU count))",
+    )
+    add_data_on_device_arg(data)
+
+    optimisation = p.add_argument_group("optimisation")
+    optimisation.add_argument(
         "--train_batch_size",
+        metavar="N",
         type=int,
         default=512,
         help="images per optimizer step on one process, split into "
         "--gradient_accumulation_steps micro-batches (default: 512)",
     )
-    p.add_argument("--eval_batch_size", type=int, default=64, help="per process (default: 64)")
-    p.add_argument(
-        "--eval_every", type=int, default=100, help="steps between evaluations (default: 100)"
+    optimisation.add_argument(
+        "--gradient_accumulation_steps",
+        metavar="N",
+        type=accumulation,
+        default="auto",
+        help="micro-batches per optimizer step; must divide --train_batch_size. 'auto': the "
+        "fewest that fit, found before training (on CUDA by trial steps, on the CPU from the "
+        "memory estimate; a resumed run keeps its own), with the results a typed count gives "
+        "(default: auto)",
     )
-    p.add_argument("--learning_rate", type=float, default=3e-2, help="peak SGD lr (default: 3e-2)")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="SGD weight decay (default: 0)")
-    p.add_argument(
+    optimisation.add_argument(
+        "--learning_rate",
+        metavar="LR",
+        type=float,
+        default=3e-2,
+        help="peak SGD lr (default: 3e-2)",
+    )
+    optimisation.add_argument(
+        "--weight_decay",
+        metavar="WD",
+        type=float,
+        default=0.0,
+        help="SGD weight decay (default: 0)",
+    )
+    optimisation.add_argument(
+        "--max_grad_norm",
+        metavar="NORM",
+        type=float,
+        default=1.0,
+        help="global-norm clip (default: 1.0)",
+    )
+
+    schedule = p.add_argument_group("schedule")
+    schedule.add_argument(
         "--num_steps",
+        metavar="N",
         type=int,
         default=None,
         action=StoreOverriding,
@@ -106,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimizer steps; or give --num_epochs instead. Of the two, the one typed last "
         "counts: either overrides a recipe's --num_steps (default: 10000)",
     )
-    p.add_argument(
+    schedule.add_argument(
         "--num_epochs",
+        metavar="EPOCHS",
         type=float,
         default=None,
         action=StoreOverriding,
@@ -116,98 +216,99 @@ def build_parser() -> argparse.ArgumentParser:
         "counts): steps = epochs x training images // global batch, logged; warm-up and "
         "evaluation stay in steps (default: none)",
     )
-    p.add_argument(
+    schedule.add_argument(
+        "--warmup_steps", metavar="N", type=int, default=500, help="linear warm-up (default: 500)"
+    )
+    schedule.add_argument(
         "--decay_type",
         choices=["cosine", "linear"],
         default="cosine",
         help="learning-rate decay to zero after the warm-up (default: cosine)",
     )
-    p.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up (default: 500)")
-    p.add_argument(
-        "--max_grad_norm", type=float, default=1.0, help="global-norm clip (default: 1.0)"
+
+    reports = p.add_argument_group("evaluation and logging")
+    reports.add_argument(
+        "--eval_every",
+        metavar="N",
+        type=int,
+        default=100,
+        help="steps between evaluations (default: 100)",
     )
-    p.add_argument("--local_rank", type=int, default=-1, help="set by launchers (default: -1)")
-    p.add_argument(
-        "--seed", type=int, default=42, help="data order, augmentation, init (default: 42)"
+    reports.add_argument(
+        "--eval_batch_size", metavar="N", type=int, default=64, help="per process (default: 64)"
     )
-    p.add_argument(
-        "--gradient_accumulation_steps",
-        type=accumulation,
-        default="auto",
-        help="micro-batches per optimizer step; must divide --train_batch_size. 'auto': the "
-        "fewest that fit, found before training (on CUDA by trial steps, on the CPU from the "
-        "memory estimate; a resumed run keeps its own), with the results a typed count gives "
-        "(default: auto)",
+    reports.add_argument(
+        "--log_every",
+        metavar="N",
+        type=int,
+        default=10,
+        help="steps between log lines (default: 10)",
     )
-    p.add_argument(
-        "--grad_checkpointing",
-        action="store_true",
-        help="recompute each encoder block's activations in the backward pass instead of "
-        "storing them: about a fifth of the activation memory, for 20-35 %% more step time",
+    reports.add_argument(
+        "--logdir", metavar="DIR", default="logs", help="TensorBoard runs (default: logs)"
     )
-    p.add_argument("--fp16", action="store_true", help="float16 autocast with loss scaling")
-    p.add_argument(
-        "--fp16_opt_level",
-        default="O2",
-        help="accepted for compatibility with apex-based scripts and ignored: "
-        "mixed precision is torch.amp autocast (default: O2)",
-    )
-    p.add_argument(
-        "--loss_scale",
-        type=float,
-        default=0,
-        help="fp16 loss scale: 0 for dynamic scaling, a positive value for a static one "
-        "(default: 0)",
-    )
-    p.add_argument(
+
+    speed = p.add_argument_group("precision, memory and speed")
+    speed.add_argument(
         "--precision",
         choices=["fp32", "fp16", "bf16"],
         default=None,
         help="training precision; bf16 needs no loss scaling (default: fp16 if --fp16, else fp32)",
     )
-    p.add_argument(
-        "--num_workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="data-loader worker processes per training process (default: min(4, CPU count))",
+    speed.add_argument("--fp16", action="store_true", help="float16 autocast with loss scaling")
+    speed.add_argument(
+        "--fp16_opt_level",
+        metavar="LEVEL",
+        default="O2",
+        help="accepted for compatibility with apex-based scripts and ignored: "
+        "mixed precision is torch.amp autocast (default: O2)",
     )
-    add_data_on_device_arg(p)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument(
-        "--log_every", type=int, default=10, help="steps between log lines (default: 10)"
+    speed.add_argument(
+        "--loss_scale",
+        metavar="SCALE",
+        type=float,
+        default=0,
+        help="fp16 loss scale: 0 for dynamic scaling, a positive value for a static one "
+        "(default: 0)",
     )
-    p.add_argument(
-        "--save_every",
-        type=int,
-        default=None,
-        help="steps between writes of <name>_last.pt, to bound the work a crash loses "
-        "(default: at each evaluation)",
+    speed.add_argument(
+        "--grad_checkpointing",
+        action="store_true",
+        help="recompute each encoder block's activations in the backward pass instead of "
+        "storing them: about a fifth of the activation memory, for 20-35 %% more step time",
     )
-    p.add_argument(
+    speed.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the model for training (its first step, compilation included, is "
         "left out of the images/s figures)",
     )
-    p.add_argument(
-        "--resume",
+    speed.add_argument(
+        "--device",
+        metavar="DEVICE",
         default=None,
-        help="a <name>_last.pt to continue from, or 'auto' for this run's own, if any; with "
-        "a larger --num_steps, a finished run trains further (default: none)",
+        help="cuda or cpu (default: cuda when available)",
     )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start afresh where --output_dir already holds files of this --name: they are "
-        "deleted (with the run's TensorBoard events) once every start-up check has passed; "
-        "without it such a run is refused",
+
+    launch = p.add_argument_group("distributed")
+    launch.add_argument(
+        "--local_rank",
+        metavar="N",
+        type=int,
+        default=-1,
+        help="set by launchers: torchrun, torch.distributed.launch (default: -1)",
     )
     return p
 
 
 def accumulation(text: str) -> int | str:
     """``--gradient_accumulation_steps``: a count, or ``auto``."""
-    return "auto" if text.lower() == "auto" else int(text)
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return int64(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor auto") from None
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -241,13 +342,42 @@ def check_args(args: argparse.Namespace) -> None:
             f"--name {args.name!r} is not a plain file name; it names files in --output_dir "
             "and a folder in --logdir (pick those folders with those flags)"
         )
-    checked_config(args.model_type, args.config, args.img_size)  # a typo fails now
+    config = checked_config(args.model_type, args.config, args.img_size)  # a typo fails now
+    if problem := size_problem(config, args.img_size):
+        raise UsageError(problem)
+    if args.local_rank < -1:
+        raise UsageError(f"--local_rank must be >= -1 (-1: not launched), got {args.local_rank}")
+    if args.local_rank >= 0 and "RANK" not in os.environ:
+        raise UsageError(
+            f"--local_rank {args.local_rank} is for launchers (torchrun, "
+            "torch.distributed.launch), which also set RANK and WORLD_SIZE; leave it out"
+        )
     if args.overwrite and args.resume is not None:
         raise UsageError("--overwrite starts afresh and --resume continues; pass one of them")
     if args.fp16 and args.precision not in (None, "fp16"):
         raise UsageError(f"--fp16 contradicts --precision {args.precision}; pass one of them")
     if args.loss_scale > 0 and not (args.fp16 or args.precision == "fp16"):
         raise UsageError("--loss_scale applies to float16 training only; add --fp16")
+
+
+def size_problem(config: ml_collections.ConfigDict, img_size: int) -> str | None:
+    """Why ``--img_size`` is too large to train at, or None. Attention's time and memory grow
+    with the square of the patches, the fourth power of the size: 4096 px makes 65536 patches of
+    16 px, whose start-up memory measurement alone runs for minutes. The bound, a 64x64 grid,
+    is twice the side of Google's largest fine-tuning (512 px: 32x32 patches of 16 px)."""
+    side, patch = img_size, config.patches.size[0]
+    if config.get("resnet") is not None:  # a hybrid's patches tile the ResNet's feature map
+        halvings = num_downsamples(tuple(config.resnet.num_layers))
+        side, patch = feature_grid(img_size, halvings), patch * 2**halvings
+    if (patches := (side // config.patches.size[0]) ** 2) <= MAX_PATCHES:
+        return None
+    largest = math.isqrt(MAX_PATCHES) * patch
+    return (
+        f"--img_size {img_size} makes {patches} patches of {patch} px, more than the "
+        f"{MAX_PATCHES} (a 64x64 grid) that training allows: attention memory grows with the "
+        f"square of the patches; Google fine-tunes at up to 512 px. Use --img_size {largest} "
+        "or less"
+    )
 
 
 def check_warmup(warmup_steps: int, num_steps: int) -> None:

@@ -41,6 +41,10 @@ log = logging.getLogger("vit")
 
 GIB = 2**30
 MARGIN = GIB  # allocator slack, data-loader workers, the CUDA context's growth
+# Off CUDA, ``auto`` plans with the free memory less max(2 GiB, 15 %) of it: the figure comes from
+# an estimate, not a trial step, and the machine's other processes may take more of it while a
+# step runs; running out there is the kernel's out-of-memory kill, with nothing saved.
+CPU_HEADROOM = (2 * GIB, 0.15)
 BACKWARD = 1.05  # the backward pass's temporaries, per saved byte (fitted to the H200 table)
 
 
@@ -107,6 +111,12 @@ def available_bytes(device: torch.device) -> int:
     except (OSError, ValueError):
         pass
     return max(0, available)
+
+
+def cpu_headroom(available: int) -> int:
+    """What ``auto`` leaves unplanned of ``available`` free bytes off CUDA (``CPU_HEADROOM``)."""
+    least, share = CPU_HEADROOM
+    return max(least, math.ceil(share * available))
 
 
 def _meminfo_available() -> int:
@@ -255,10 +265,16 @@ class StepToFit:
                 )
         else:
             available = available_bytes(self.device)
-            how = f"that fit in the {available / GIB:.1f} GiB free, from the memory estimate"
+            kept = cpu_headroom(available)
+            if step.needed(1) > available - kept:  # too little to keep any: plan with it all
+                kept = 0
+            how = (
+                f"that fit in the {available / GIB:.1f} GiB free, from the memory estimate, "
+                f"keeping {kept / GIB:.1f} GiB of it for other processes"
+            )
 
             def fits(micro: int) -> bool:
-                return step.needed(micro) <= available
+                return step.needed(micro) <= available - kept
 
         if resumed is not None and batch % resumed == 0 and fits(batch // resumed):
             n, why = resumed, "the resumed run's own"

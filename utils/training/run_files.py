@@ -135,6 +135,11 @@ class TrainingState:
                 "run began: pass the saved values, or start a new run (another --name, or "
                 "--overwrite)"
             )
+        if other_data := self.other_data(args):
+            return (
+                f"{other_data}: a resume trains on what the run began with; pass the --data_dir "
+                "it was trained on, or start a new run (another --name, or --overwrite)"
+            )
         end, steps = self.ends[-1], args["num_steps"]
         if steps < end:
             return (
@@ -152,6 +157,26 @@ class TrainingState:
                 f"{args['warmup_steps']} does not fit: raise --num_steps"
             )
         return None
+
+    def other_data(self, args: Mapping[str, Any]) -> str | None:
+        """How the images ``args["data_dir"]`` holds now differ from those the run trained on
+        (``{split: [images, digest]}`` under ``args["data"]``), or None; a file written before
+        runs recorded them passes."""
+        saved, now = self.args.get("data"), args.get("data")
+        if saved is None or now is None or saved == now:
+            return None
+        counts = lambda data: " / ".join(f"{data[split][0]} {split}" for split in data)
+        folder = Path(str(args.get("data_dir"))).absolute()
+        if {k: v[0] for k, v in saved.items()} != {k: v[0] for k, v in now.items()}:
+            return (
+                f"was trained on {counts(saved)} images, and --data_dir {folder} now holds "
+                f"{counts(now)}"
+            )
+        changed = [split for split in saved if saved[split] != now[split]]
+        return (
+            f"was trained on other images: --data_dir {folder} holds as many ({counts(now)}), "
+            f"but not the same {' and '.join(changed)} images, or not in the same order"
+        )
 
 
 def _shown(value: Any) -> str:
@@ -200,6 +225,13 @@ def _state_problem(saved: dict) -> str | None:
         return f"its best step {saved['best_step']} is after its step {saved['step']}"
     if saved["scheduler"]["last_epoch"] != saved["step"]:
         return "its learning-rate schedule is not at its step"
+    data = saved["args"].get("data")  # {split: [images, digest]}, in files since runs record it
+    if data is not None and not (
+        isinstance(data, dict)
+        and all(isinstance(v, list) and len(v) == 2 and _is_count(v[0]) for v in data.values())
+        and all(isinstance(v[1], str) for v in data.values())
+    ):
+        return "its recorded data (under 'args') are malformed"
     schedule = saved.get("schedule")
     if schedule is not None and not (
         isinstance(schedule, list)
