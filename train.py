@@ -40,7 +40,13 @@ from utils.training.flags import as_run_used, parse_flags, total_steps
 from utils.training.learner import Learner, for_training, state_to_resume
 from utils.training.logger import EventsUnwritable, Meter, Reporter, remove_events, setup_logging
 from utils.training.memory import StepToFit
-from utils.training.optimizer import LearningRate, build_optimizer, set_learning_rate
+from utils.training.optimizer import (
+    STATE_VALUES,
+    LearningRate,
+    build_optimizer,
+    group_rates,
+    set_learning_rate,
+)
 from utils.training.precision import Precision
 from utils.training.run_files import RunFiles, TrainingState, precision_of, read_weights
 from utils.training.saving import Saver
@@ -187,7 +193,7 @@ def set_up(
     saver = Saver(files, flags, data.classes, start, ctx, check_loss=precision.name != "fp16")
     if state is not None:
         saver.kept = (resumed_from, state.step)
-    meter = Meter(global_batch, ctx.world_size)
+    meter = Meter(global_batch, ctx.world_size, layered=args.layer_decay is not None)
     return Training(
         learner, batches, data, precision, saver, reporter, meter, ctx, flags, out_of_memory
     )
@@ -216,7 +222,7 @@ def fit_in_memory(
     they fit), and the advice an out-of-memory error will give; a step that cannot fit is
     refused now, before a download that it would waste."""
     fit = StepToFit(model, args.model_type, args.img_size, args.train_batch_size, precision,
-                    args.grad_checkpointing)  # fmt: skip
+                    args.grad_checkpointing, STATE_VALUES[args.optimizer])  # fmt: skip
     footprint = fit.measure()
     auto = args.gradient_accumulation_steps == "auto"
     micro_batches = args.gradient_accumulation_steps
@@ -235,11 +241,13 @@ def build_learner(
     num_steps: int,
     state: TrainingState | None,
 ) -> Learner:
-    """SGD with momentum and its learning rate: a linear warm-up over --warmup_steps to
-    --learning_rate, then cosine (or linear) decay to zero at the last step. A resumed run keeps
-    the schedule it saved; one trained past its end (a larger --num_steps) warms up and decays
-    again over the added steps (``LearningRate.ends``)."""
-    optimizer = build_optimizer(model, args.weight_decay, fp16=precision.name == "fp16")
+    """SGD with momentum (or AdamW, --layer_decay scaling each layer's rate) and its learning
+    rate: a linear warm-up over --warmup_steps to --learning_rate, then cosine (or linear) decay
+    to zero at the last step. A resumed run keeps the schedule it saved; one trained past its end
+    (a larger --num_steps) warms up and decays again over the added steps
+    (``LearningRate.ends``)."""
+    optimizer = build_optimizer(model, args.weight_decay, fp16=precision.name == "fp16",
+                                name=args.optimizer, layer_decay=args.layer_decay)  # fmt: skip
     saved_ends = state.ends if state is not None else []
     lr = LearningRate.of_run(
         args.learning_rate, args.warmup_steps, args.decay_type, num_steps, saved_ends
@@ -337,7 +345,7 @@ def one_step(run: Training, batch: tuple[torch.Tensor, torch.Tensor], stop_asked
             set_rng_state(rng)
         return False
     learner.step += 1
-    run.meter.add(learner.step, *done, lr)
+    run.meter.add(learner.step, *done, group_rates(learner.optimizer))
     return True
 
 

@@ -29,6 +29,7 @@ from utils.cli import (
 )
 from utils.data.datasets import DATASETS
 from utils.runtime.distributed import elastic_restarts
+from utils.training.optimizer import OPTIMIZERS
 
 log = logging.getLogger("vit")
 
@@ -173,18 +174,34 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: auto)",
     )
     optimisation.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="sgd",
+        help="sgd: momentum 0.9, Google's fine-tuning recipe; adamw: decoupled weight decay, none "
+        "on biases, norms, the position embedding and the class token (default: sgd)",
+    )
+    optimisation.add_argument(
         "--learning_rate",
         metavar="LR",
         type=float,
         default=3e-2,
-        help="peak SGD lr (default: 3e-2)",
+        help="peak lr, of the head's layer under --layer_decay (default: 3e-2; AdamW wants "
+        "about 1e-4 to 1e-3)",
+    )
+    optimisation.add_argument(
+        "--layer_decay",
+        metavar="D",
+        type=float,
+        default=None,
+        help="scale each layer's lr by D^(depth - layer): the head 1, each block below D times "
+        "the one above, the embeddings lowest, as BEiT and timm's --layer-decay (default: off)",
     )
     optimisation.add_argument(
         "--weight_decay",
         metavar="WD",
         type=float,
         default=0.0,
-        help="SGD weight decay (default: 0)",
+        help="weight decay: L2 on every weight for sgd, decoupled for adamw (default: 0)",
     )
     optimisation.add_argument(
         "--max_grad_norm",
@@ -337,6 +354,10 @@ def check_args(args: argparse.Namespace) -> None:
         check_warmup(args.warmup_steps, args.num_steps)
     if not 0 <= args.val_split < 1:
         raise UsageError(f"--val_split must be in [0, 1), got {args.val_split}")
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise UsageError(
+            f"--layer_decay must be in (0, 1], got {args.layer_decay} (e.g. 0.75 for ViT-B/16)"
+        )
     if args.name in ("", ".", "..") or "/" in args.name or "\\" in args.name:
         raise UsageError(
             f"--name {args.name!r} is not a plain file name; it names files in --output_dir "

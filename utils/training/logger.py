@@ -251,18 +251,23 @@ def remove_events(folder: Path) -> list[Path]:
 
 
 class Meter:
-    """Per-step loss, gradient norm and lr, kept on the device and read once every log step."""
+    """Per-step loss, gradient norm and learning rates (``optimizer.group_rates``: the head's,
+    and the lowest layer's under --layer_decay), kept on the device and read once every log
+    step."""
 
-    def __init__(self, global_batch: int, world_size: int) -> None:
+    def __init__(self, global_batch: int, world_size: int, layered: bool = False) -> None:
         self.global_batch, self.world_size = global_batch, world_size
-        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+        self.layered = layered  # --layer_decay: the lowest layer's rate is shown too
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, dict[str, float]]] = []
         self.skipped = 0  # fp16 steps whose gradients were inf/NaN
         self.nonfinite: tuple[int, float] | None = None  # the first (step, loss) not finite
         self.train_time, self.images = 0.0, 0
         self.start = self.tick = time.perf_counter()
 
-    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
-        self.pending.append((step, loss, grad_norm, lr))
+    def add(
+        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, rates: dict[str, float]
+    ) -> None:
+        self.pending.append((step, loss, grad_norm, rates))
 
     def restart_clock(self) -> None:
         """Leave evaluation and checkpointing out of the training throughput."""
@@ -291,12 +296,15 @@ class Meter:
         if timed:
             self.train_time += elapsed
             self.images += self.global_batch * len(self.pending)
-        for (step, _, _, lr), (loss, norm) in zip(self.pending, values, strict=True):
-            reporter.scalars({"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}, step)
+        for (step, _, _, rates), (loss, norm) in zip(self.pending, values, strict=True):
+            lr = {"train/lr": rates["head"]}
+            if self.layered:
+                lr["train/lr_lowest"] = rates["lowest"]
+            reporter.scalars({"train/loss": loss, **lr, "train/grad_norm": norm}, step)
             self.skipped += not math.isfinite(norm)
             if not math.isfinite(loss) and self.nonfinite is None:
                 self.nonfinite = (step, loss)
-        step, lr = self.pending[-1][0], self.pending[-1][3]
+        step, lr = self.pending[-1][0], self.pending[-1][3]["head"]
         reporter.scalars({"train/images_per_second": speed}, step)
         reporter.progress(step, values[-1][0], lr, speed)
         self.pending.clear()

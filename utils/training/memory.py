@@ -136,16 +136,21 @@ class StepMemory:
     per_image: int
     per_step: int
     parameters: int
+    optimizer_states: int = 1  # float32 values per parameter: SGD's momentum; AdamW's two moments
 
     def needed(self, micro_batch: int) -> int:
         """Bytes a step of ``micro_batch`` images takes at its peak, with room to spare."""
-        fixed = 8 * self.parameters + self.per_step + MARGIN
+        fixed = 4 * (1 + self.optimizer_states) * self.parameters + self.per_step + MARGIN
         return fixed + math.ceil(BACKWARD * self.per_image * micro_batch)
 
     def least(self, micro_batch: int) -> int:
         """Bytes that exist at the end of the forward pass of ``micro_batch`` images: momentum
         and saved tensors. A step needs more than this, never less."""
-        return 4 * self.parameters + self.per_step + self.per_image * micro_batch
+        return (
+            4 * self.optimizer_states * self.parameters
+            + self.per_step
+            + self.per_image * micro_batch
+        )
 
     def largest_micro_batch(self, available: int) -> int:
         """The most images whose step fits in ``available`` bytes by ``needed`` (0: none)."""
@@ -162,10 +167,11 @@ def measure_step(
     img_size: int,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
+    optimizer_states: int = 1,
 ) -> StepMemory:
     per_image, per_step = activation_bytes(model, img_size, device, autocast)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return StepMemory(per_image, per_step, trainable)
+    return StepMemory(per_image, per_step, trainable, optimizer_states)
 
 
 def fits_in_memory(attempt: Callable[[], None], model: nn.Module, device: torch.device) -> bool:
@@ -190,14 +196,16 @@ def trial_step_fits(
     img_size: int,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
+    optimizer_states: int = 1,
 ) -> bool:
     """Whether a forward and backward pass of ``micro_batch`` images runs without running out
-    of memory, with room held for the optimizer's momentum. Leaves no gradient, no cached
-    block and the RNG as it found them."""
+    of memory, with room held for the optimizer's state. Leaves no gradient, no cached block
+    and the RNG as it found them."""
 
     def attempt() -> None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            momentum = torch.empty(sum(p.numel() for p in model.parameters()), device=device)
+            size = optimizer_states * sum(p.numel() for p in model.parameters())
+            momentum = torch.empty(size, device=device)
             x = torch.randn(micro_batch, 3, img_size, img_size, device=device)
             labels = torch.zeros(micro_batch, dtype=torch.long, device=device)
             with autocast():
@@ -242,13 +250,15 @@ class StepToFit:
     batch: int
     precision: Precision
     grad_checkpointing: bool
+    optimizer_states: int = 1  # float32 values per parameter (``optimizer.STATE_VALUES``)
 
     @property
     def device(self) -> torch.device:
         return self.precision.device
 
     def measure(self) -> StepMemory:
-        return measure_step(self.model, self.img_size, self.device, self.precision.autocast)
+        return measure_step(self.model, self.img_size, self.device, self.precision.autocast,
+                            self.optimizer_states)  # fmt: skip
 
     def fewest_micro_batches(self, step: StepMemory, resumed: int | None) -> int:
         """``--gradient_accumulation_steps auto``: the fewest micro-batches that fit, by trial
@@ -260,9 +270,8 @@ class StepToFit:
             how = f"whose trial forward and backward passes ran on {self.device}"
 
             def fits(micro: int) -> bool:
-                return trial_step_fits(
-                    self.model, micro, self.img_size, self.device, self.precision.autocast
-                )
+                return trial_step_fits(self.model, micro, self.img_size, self.device,
+                                       self.precision.autocast, self.optimizer_states)  # fmt: skip
         else:
             available = available_bytes(self.device)
             kept = cpu_headroom(available)
@@ -339,7 +348,8 @@ class StepToFit:
                 continue
             self.model.set_grad_checkpointing(checkpointing)
             autocast = Precision(name, self.device, 0).autocast
-            step = measure_step(self.model, self.img_size, self.device, autocast)
+            step = measure_step(self.model, self.img_size, self.device, autocast,
+                                self.optimizer_states)  # fmt: skip
             if n := step.fewest_micro_batches(batch, available):
                 switches = " ".join(
                     ([] if checkpointing == own[0] else ["--grad_checkpointing"])
