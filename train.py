@@ -336,7 +336,7 @@ def one_step(run: Training, batch: tuple[torch.Tensor, torch.Tensor], stop_asked
     try:
         done = update.train_step(
             learner.trained, batch, learner.optimizer, learner.scaler, run.precision,
-            micro_batches, run.flags["max_grad_norm"], stop_asked,
+            micro_batches, run.flags["max_grad_norm"], stop_asked, run.flags["label_smoothing"],
         )  # fmt: skip
     except torch.OutOfMemoryError:
         raise UsageError(f"out of memory in step {learner.step + 1}: {run.out_of_memory}") from None

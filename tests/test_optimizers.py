@@ -428,3 +428,46 @@ def test_the_memory_estimate_counts_adamws_two_moments() -> None:
     sgd = StepMemory(per_image=1000, per_step=10, parameters=100)
     adamw = StepMemory(per_image=1000, per_step=10, parameters=100, optimizer_states=2)
     assert adamw.needed(8) - sgd.needed(8) == adamw.least(8) - sgd.least(8) == 4 * 100
+
+
+# ---------------------------------------------------------------------------------------------
+# --label_smoothing
+
+
+def test_label_smoothing_trains_on_the_smoothed_targets() -> None:
+    """The loss of a step is the formula's: (1 - E) * NLL of the label + E * mean over classes
+    of -log p; E = 0 is the model's own loss, as before."""
+    from models.configs import CONFIGS
+    from models.modeling import VisionTransformer
+    from utils.training.precision import Precision
+    from utils.training.update import train_step
+
+    torch.manual_seed(0)
+    model = VisionTransformer(CONFIGS["testing"], img_size=16, num_classes=5).eval()
+    with torch.no_grad():
+        model.head.weight.normal_(0, 0.5)
+    images, labels = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4, 0])
+    with torch.no_grad():
+        logp = model(images)[0].log_softmax(-1)
+    nll = -logp.gather(1, labels[:, None]).mean()
+    for e in (0.0, 0.1):
+        expected = (1 - e) * nll + e * (-logp.mean(-1)).mean()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        precision = Precision("fp32", torch.device("cpu"), 0)
+        loss, _ = train_step(model, (images, labels), optimizer, precision.scaler(), precision,
+                             2, 1.0, label_smoothing=e)  # fmt: skip
+        torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
+
+
+def test_label_smoothing_runs_and_a_resume_refuses_another(tmp_path, subset) -> None:
+    from tests.test_nothing_lost import refusal
+    from tests.test_nothing_lost import run as run_small
+
+    assert run_small(tmp_path, subset, "s", "--label_smoothing", "0.1") == 0
+    words = refusal(tmp_path, subset, "s", "--num_steps", "4", "--resume", "auto",
+                    "--label_smoothing", "0.2")  # fmt: skip
+    assert "--label_smoothing 0.1 (now 0.2)" in words
+    for value in ("1", "-0.1"):
+        assert "--label_smoothing must be in [0, 1)" in refusal(
+            tmp_path, subset, "bad", "--label_smoothing", value
+        )

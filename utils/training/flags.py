@@ -210,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="global-norm clip (default: 1.0)",
     )
+    optimisation.add_argument(
+        "--label_smoothing",
+        metavar="E",
+        type=float,
+        default=0.0,
+        help="train on targets 1 - E for the label and E spread over all classes (cross_entropy's "
+        "own label_smoothing); evaluation losses stay plain (default: 0)",
+    )
 
     schedule = p.add_argument_group("schedule")
     schedule.add_argument(
@@ -354,6 +362,8 @@ def check_args(args: argparse.Namespace) -> None:
         check_warmup(args.warmup_steps, args.num_steps)
     if not 0 <= args.val_split < 1:
         raise UsageError(f"--val_split must be in [0, 1), got {args.val_split}")
+    if not 0 <= args.label_smoothing < 1:
+        raise UsageError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
         raise UsageError(
             f"--layer_decay must be in (0, 1], got {args.layer_decay} (e.g. 0.75 for ViT-B/16)"

@@ -45,7 +45,7 @@ DATA_FLAGS = ("seed", "val_split")
 # (The global batch and the precision are compared as the run used them, not as typed.)
 OPTIMIZATION_FLAGS = (
     "learning_rate", "weight_decay", "decay_type", "warmup_steps", "max_grad_norm", "hflip",
-    "loss_scale", "optimizer", "layer_decay",
+    "loss_scale", "optimizer", "layer_decay", "label_smoothing",
 )  # fmt: skip
 RESUME_FLAGS = (*MODEL_FLAGS, *DATA_FLAGS, *OPTIMIZATION_FLAGS)
 # Model-config fields added after files had been written, with the value those files used.

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 from utils.training.precision import Precision
 
@@ -19,11 +20,15 @@ def train_step(
     accum: int,
     max_norm: float,
     stop_now: Callable[[], bool] | None = None,
+    label_smoothing: float = 0.0,
 ):
     """One optimizer update from ``accum`` equal micro-batches; returns (mean loss, grad norm),
     or None when ``stop_now()``, asked between micro-batches, says to stop: the step is then
     abandoned, its gradients dropped and nothing applied, so that a stop waits for one
     micro-batch at most, not for a whole step.
+
+    With ``label_smoothing`` the loss is ``cross_entropy``'s smoothed one on the model's logits;
+    without, the model's own (the reference's ``model(x, labels)``), as before.
 
     Gradients are all-reduced only on the last micro-batch (``no_sync`` of DDP, also through
     torch.compile's wrapper). Nothing here waits for the device: the returned values are
@@ -39,7 +44,11 @@ def train_step(
         last = i == accum - 1
         with nullcontext() if last or no_sync is None else no_sync():
             with precision.autocast():
-                loss = model(x, y) / accum
+                if label_smoothing:
+                    logits = model(x)[0]
+                    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing) / accum
+                else:
+                    loss = model(x, y) / accum
             scaler.scale(loss).backward()
         total += loss.detach()
     scaler.unscale_(optimizer)
