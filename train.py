@@ -373,8 +373,9 @@ def finish(run: Training) -> None:
     """Score the test set where a validation split selected the weights; the summary line."""
     meter, ctx = run.meter, run.ctx
     wall = meter.elapsed()
-    if meter.skipped:
-        log.warning("%d steps skipped by the fp16 loss scaler (inf/NaN gradients)", meter.skipped)
+    if meter.skipped:  # under fp16 the scaler skipped them; in fp32 and bf16 nothing can
+        what = "skipped by the fp16 loss scaler" if run.precision.name == "fp16" else "applied"
+        log.warning("%d steps had inf/NaN gradients (%s)", meter.skipped, what)
     verdict, metrics = final_scores(run)
     skipped = set().union(*dist.gather_objects(run.data.unreadable_images()))  # every rank's
     if ctx.is_main and skipped:
