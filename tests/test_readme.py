@@ -158,16 +158,22 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         thread.join()
 
 
-@pytest.fixture(scope="module")
-def checkout(tmp_path_factory: pytest.TempPathFactory, subset: Path, served) -> Path:
-    """A folder laid out like a fresh checkout, with ../shared/cifar10-subset beside it."""
-    root = tmp_path_factory.mktemp("readme")
+def laid_out_like_a_checkout(root: Path, subset: Path) -> Path:
+    """``root/vit`` with the scripts linked in, and ``root/shared/cifar10-subset`` beside it."""
     work = root / "vit"
     work.mkdir()
     for name in LINKED:
         (work / name).symlink_to(REPO / name)
     (root / "shared").mkdir()
     (root / "shared" / "cifar10-subset").symlink_to(subset)
+    return work
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory: pytest.TempPathFactory, subset: Path, served) -> Path:
+    """A folder laid out like a fresh checkout, with ../shared/cifar10-subset beside it."""
+    root = tmp_path_factory.mktemp("readme")
+    work = laid_out_like_a_checkout(root, subset)
     made, _ = served
     # What "Running offline" expects the user to have fetched by hand.
     make_archive(made / "c10" / "cifar-10-batches-py", work / "cifar-10-python.tar.gz")
@@ -363,12 +369,7 @@ def printed(tmp_path_factory: pytest.TempPathFactory, subset: Path) -> dict[str,
     """Each sampled command run exactly as written, in the pages' order, in a fresh folder laid
     out like a checkout: what it printed (stdout and stderr)."""
     root = tmp_path_factory.mktemp("samples")
-    work = root / "vit"
-    work.mkdir()
-    for name in LINKED:
-        (work / name).symlink_to(REPO / name)
-    (root / "shared").mkdir()
-    (root / "shared" / "cifar10-subset").symlink_to(subset)
+    work = laid_out_like_a_checkout(root, subset)
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(root)}
     outputs = {}
     for sample in SAMPLES:
