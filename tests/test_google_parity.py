@@ -50,9 +50,10 @@ def test_default_model_computes_googles_logits(case: Case) -> None:
     ours = our_logits(case, record, [])
     assert np.abs(ours - expected).max() < TOLERANCE
 
-    # the fixture tells the two GELUs apart by 10x its tolerance: it could catch a stray layer
-    exact = our_logits(case, record, ["gelu=exact"])
-    assert np.abs(exact - expected).max() > 10 * TOLERANCE
+    if case.name in ("vit_b16_224", "mixer_b16_224"):  # each family's MLP, once
+        # the fixture tells the two GELUs apart by 10x its tolerance: it could catch a stray layer
+        exact = our_logits(case, record, ["gelu=exact"])
+        assert np.abs(exact - expected).max() > 10 * TOLERANCE
 
 
 LAYOUTS = [c for c in CASES if c.name in ("vit_b16_224", "r50_vit_b16_224", "mixer_b16_224")]
