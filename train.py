@@ -31,15 +31,29 @@ from utils.data.datasets import DataSplits, build_on_every_process, check_global
 from utils.files import FoldersMade
 from utils.inspection.figures import log_eval_images
 from utils.runtime import distributed as dist
-from utils.runtime.device import cpu_contention
 from utils.runtime.rng import rng_state, set_rng_state
 from utils.runtime.signals import StopRequest
 from utils.training import update
-from utils.training.evaluation import evaluate
-from utils.training.flags import as_run_used, parse_flags, total_steps
+from utils.training.averaging import WeightAverage, horizon_warning
+from utils.training.evaluation import Scores, evaluate
+from utils.training.finetune import WhatTrains
+from utils.training.flags import (
+    as_run_used,
+    batch_mixing,
+    parse_flags,
+    total_steps,
+    what_trains,
+)
 from utils.training.learner import Learner, for_training, state_to_resume
-from utils.training.logger import EventsUnwritable, Meter, Reporter, remove_events, setup_logging
-from utils.training.memory import StepToFit
+from utils.training.logger import (
+    EventsUnwritable,
+    Meter,
+    Reporter,
+    open_reports,
+    remove_events,
+    setup_logging,
+)
+from utils.training.memory import StepToFit, averaged_bytes
 from utils.training.optimizer import (
     STATE_VALUES,
     LearningRate,
@@ -48,9 +62,10 @@ from utils.training.optimizer import (
     set_learning_rate,
 )
 from utils.training.precision import Precision
-from utils.training.run_files import RunFiles, TrainingState, precision_of, read_weights
+from utils.training.run_files import RunFiles, TrainingState, precision_of
 from utils.training.saving import Saver
 from utils.training.starting_weights import StartingWeights
+from utils.training.summary import final_scores
 
 log = logging.getLogger("vit")
 
@@ -172,24 +187,28 @@ def set_up(
         args.model_type, with_gelu(args.config, gelu), args.img_size, len(data.classes),
         zero_head=True,
     )  # fmt: skip
+    trains = what_trains(args)
+    log.info(trains.apply(model))  # adapters added, frozen weights frozen: before the estimate
     model.set_grad_checkpointing(args.grad_checkpointing)  # before torch.compile sees it
     model.to(ctx.device)
     precision = Precision(precision_of(flags), ctx.device, args.loss_scale)
     micro_batches, out_of_memory = fit_in_memory(args, model, precision, state)
     flags = as_run_used(args, num_steps, micro_batches) | data.recorded()
-    if state is None and weights.path is not None:  # after the memory check it might spare
+    if (state is None or trains.partial) and weights.path is not None:  # after the memory check
         weights.load_into(model, ctx)
     torch.manual_seed(args.seed + ctx.rank)  # dropout differs across processes
-    learner = build_learner(model, args, ctx, precision, num_steps, state)
+    learner = build_learner(model, args, ctx, precision, num_steps, state, trains)
     if args.overwrite:  # every check has passed: the earlier run's files go now
         dist.from_main(lambda: remove_earlier_run(files, events), ctx)
 
     batches = BatchSource(
         data, ctx, global_batch, learner.step, seed=args.seed,
         data_on_device=args.data_on_device, num_workers=args.num_workers,
-        eval_batch_size=args.eval_batch_size,
+        eval_batch_size=args.eval_batch_size, mixing=batch_mixing(args, len(data.classes)),
     )  # fmt: skip
-    reporter = open_reports(flags, ctx, data, global_batch, precision, events, start, learner)
+    reporter = open_reports(
+        flags, ctx, data, global_batch, precision.name, events, start, learner.step
+    )
     saver = Saver(files, flags, data.classes, start, ctx, check_loss=precision.name != "fp16")
     if state is not None:
         saver.kept = (resumed_from, state.step)
@@ -222,7 +241,8 @@ def fit_in_memory(
     they fit), and the advice an out-of-memory error will give; a step that cannot fit is
     refused now, before a download that it would waste."""
     fit = StepToFit(model, args.model_type, args.img_size, args.train_batch_size, precision,
-                    args.grad_checkpointing, STATE_VALUES[args.optimizer])  # fmt: skip
+                    args.grad_checkpointing, STATE_VALUES[args.optimizer],
+                    averaged_bytes(model, args.ema_decay is not None))  # fmt: skip
     footprint = fit.measure()
     auto = args.gradient_accumulation_steps == "auto"
     micro_batches = args.gradient_accumulation_steps
@@ -240,12 +260,14 @@ def build_learner(
     precision: Precision,
     num_steps: int,
     state: TrainingState | None,
+    trains: WhatTrains,
 ) -> Learner:
     """SGD with momentum (or AdamW, --layer_decay scaling each layer's rate) and its learning
     rate: a linear warm-up over --warmup_steps to --learning_rate, then cosine (or linear) decay
     to zero at the last step. A resumed run keeps the schedule it saved; one trained past its end
     (a larger --num_steps) warms up and decays again over the added steps
-    (``LearningRate.ends``)."""
+    (``LearningRate.ends``). Only the parameters that ``trains`` has in its optimizer;
+    ``--ema_decay`` keeps an average of all of them beside it."""
     optimizer = build_optimizer(model, args.weight_decay, fp16=precision.name == "fp16",
                                 name=args.optimizer, layer_decay=args.layer_decay)  # fmt: skip
     saved_ends = state.ends if state is not None else []
@@ -253,40 +275,14 @@ def build_learner(
         args.learning_rate, args.warmup_steps, args.decay_type, num_steps, saved_ends
     )
     trained = for_training(model, ctx, args.compile)
-    learner = Learner(model, trained, optimizer, precision.scaler(), lr)
+    average = WeightAverage(model, args.ema_decay) if args.ema_decay is not None else None
+    if average is not None and ctx.is_main and (lag := horizon_warning(args.ema_decay, num_steps)):
+        log.warning(lag)
+    learner = Learner(model, trained, optimizer, precision.scaler(), lr, trains, average)
+    learner.frozen = trains.frozen_digest(model)
     if state is not None:
         learner.restore(state, ctx, args.seed)
     return learner
-
-
-def open_reports(
-    flags: dict[str, Any],
-    ctx: dist.Context,
-    data: DataSplits,
-    global_batch: int,
-    precision: Precision,
-    events: Path,
-    start: str,
-    learner: Learner,
-) -> Reporter:
-    """The set-up in one log line; TensorBoard (rank 0), with the command line as its first
-    text."""
-    micro = flags["gradient_accumulation_steps"]
-    log.info(
-        "%s on %s: %d process(es), global batch %d (%d per process in %d micro-batch%s of %d), "
-        "%s, %d steps, %d train / %d %s images%s",
-        flags["model_type"], ctx.device.type, ctx.world_size, global_batch,
-        flags["train_batch_size"], micro, "es" if micro > 1 else "",
-        flags["train_batch_size"] // micro, precision.name, flags["num_steps"], len(data.train),
-        len(data.select), data.select_name,
-        f" / {len(data.test)} test images" if data.test is not None else "",
-    )  # fmt: skip
-    if ctx.is_main and (busy := cpu_contention(ctx.device)):
-        log.warning(busy)
-    reporter = Reporter(events if ctx.is_main else None, flags["num_steps"], learner.step,
-                        (micro, flags["train_batch_size"] // micro))  # fmt: skip
-    reporter.text("args", "  \n".join([start, *(f"{k}: {v}" for k, v in sorted(flags.items()))]))
-    return reporter
 
 
 def train_loop(run: Training, stop: StopRequest) -> int:
@@ -345,28 +341,50 @@ def one_step(run: Training, batch: tuple[torch.Tensor, torch.Tensor], stop_asked
             set_rng_state(rng)
         return False
     learner.step += 1
+    if learner.average is not None:
+        learner.average.update(learner.model)
     run.meter.add(learner.step, *done, group_rates(learner.optimizer))
     return True
 
 
 def evaluate_and_save(run: Training) -> None:
-    """Score the selection set; keep the weights as the best ones when they are, and the
+    """Score the selection set, with the weight average beside the weights if there is one;
+    keep the higher scoring as the best weights when they beat the best so far, and save the
     training state."""
-    learner, data = run.learner, run.data
-    scores = evaluate(learner.model, run.batches.select, run.ctx.device, run.precision,
-                      len(data.classes))  # fmt: skip
-    name, step = data.select_name, learner.step
-    run.reporter.write(log_eval_images, step, *scores.samples, scores.confusion, data.classes, name)
-    run.reporter.scalars({f"{name}/accuracy": scores.accuracy, f"{name}/loss": scores.loss}, step)
-    log.info(
-        "step %d: %s accuracy %.4f, loss %.4f (%d images)",
-        step, name, scores.accuracy, scores.loss, scores.count,
-    )  # fmt: skip
-    learner.last_acc = scores.accuracy
-    if scores.accuracy > learner.best_acc or learner.best_step == 0:
-        learner.best_acc, learner.best_step = scores.accuracy, step
-        run.saver.best(learner)
+    learner = run.learner
+    scores = score(run, learner.model, averaged=False)
+    learner.last_acc, best = scores.accuracy, (scores.accuracy, learner.model, False)
+    if learner.average is not None:
+        averaged = score(run, learner.average.module, averaged=True)
+        learner.last_averaged_acc = averaged.accuracy
+        if averaged.accuracy > scores.accuracy:
+            best = (averaged.accuracy, learner.average.module, True)
+    accuracy, model, from_average = best
+    if accuracy > learner.best_acc or learner.best_step == 0:
+        learner.best_acc, learner.best_step = accuracy, learner.step
+        learner.best_averaged = from_average
+        run.saver.best(learner, model)
     run.saver.last(learner)
+
+
+def score(run: Training, model: torch.nn.Module, averaged: bool) -> Scores:
+    """One evaluation on the selection set, logged and written to TensorBoard (the averaged
+    weights' under ``<set>/accuracy_averaged``)."""
+    data, step, name = run.data, run.learner.step, run.data.select_name
+    scores = evaluate(model, run.batches.select, run.ctx.device, run.precision, len(data.classes))
+    suffix = "_averaged" if averaged else ""
+    if not averaged:
+        run.reporter.write(log_eval_images, step, *scores.samples, scores.confusion, data.classes,
+                           name)  # fmt: skip
+    run.reporter.scalars(
+        {f"{name}/accuracy{suffix}": scores.accuracy, f"{name}/loss{suffix}": scores.loss}, step
+    )
+    log.info(
+        "step %d: %s accuracy %.4f, loss %.4f (%d images%s)",
+        step, name, scores.accuracy, scores.loss, scores.count,
+        ", averaged weights" if averaged else "",
+    )  # fmt: skip
+    return scores
 
 
 def finish(run: Training) -> None:
@@ -376,7 +394,8 @@ def finish(run: Training) -> None:
     if meter.skipped:  # under fp16 the scaler skipped them; in fp32 and bf16 nothing can
         what = "skipped by the fp16 loss scaler" if run.precision.name == "fp16" else "applied"
         log.warning("%d steps had inf/NaN gradients (%s)", meter.skipped, what)
-    verdict, metrics = final_scores(run)
+    verdict, metrics = final_scores(run.learner, run.data, run.batches, ctx, run.precision,
+                                    run.reporter, run.saver.files.best)  # fmt: skip
     skipped = set().union(*dist.gather_objects(run.data.unreadable_images()))  # every rank's
     if ctx.is_main and skipped:
         log.warning("%d unreadable image(s) skipped, each named in a warning", len(skipped))
@@ -386,40 +405,6 @@ def finish(run: Training) -> None:
     if ctx.is_main:
         print(f"summary: {verdict} | {run.learner.step} steps | wall time {wall:.1f} s | "
               f"{meter.images_per_second:.1f} images/s | {run.saver.start}")  # fmt: skip
-
-
-def final_scores(run: Training) -> tuple[str, dict[str, float]]:
-    """The summary's words and the HParams metrics; with a validation split, the test set is
-    scored here, once with the final weights and once with the best ones."""
-    learner, data, ctx = run.learner, run.data, run.ctx
-    metrics = {"best_accuracy": learner.best_acc, "final_accuracy": learner.last_acc}
-    best = f"best accuracy {learner.best_acc:.4f} at step {learner.best_step}"
-    final = f"final accuracy {learner.last_acc:.4f}"
-    if data.select_name == "test":
-        return (f"{best} (test set, which also selected it, as the reference does: an "
-                f"optimistic figure) | {final}"), metrics  # fmt: skip
-    if data.test is None:
-        return (f"{best} (val set, which also selected it: an optimistic figure; no test "
-                f"set) | {final} (val set)"), metrics  # fmt: skip
-    score = lambda: evaluate(learner.model, run.batches.test(), ctx.device, run.precision,
-                             len(data.classes))  # fmt: skip
-    last = score()
-    # rank 0 wrote the best weights; the other processes, maybe on other disks, get them from it
-    learner.model.load_state_dict(
-        dist.from_main(lambda: read_weights(run.saver.files.best)[0], ctx)
-    )
-    best_test = score()
-    run.reporter.scalars(
-        {"test/accuracy_final": last.accuracy, "test/loss_final": last.loss,
-         "test/accuracy_best": best_test.accuracy, "test/loss_best": best_test.loss},
-        learner.step,
-    )  # fmt: skip
-    metrics |= {"test_accuracy_final": last.accuracy, "test_accuracy_best": best_test.accuracy}
-    return (
-        f"final accuracy {last.accuracy:.4f} (test set, final weights) | best accuracy "
-        f"{best_test.accuracy:.4f} (test set, weights of step {learner.best_step}, selected on "
-        f"validation accuracy {learner.best_acc:.4f}; the test set played no part in selection)"
-    ), metrics
 
 
 def remove_earlier_run(files: RunFiles, events: Path) -> None:

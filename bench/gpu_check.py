@@ -11,6 +11,9 @@ Each part is a subprocess with its own time limit, run in order of importance wh
 * memory: the step-time cost of checkpointing, and the largest micro-batch per GPU size with
   --grad_checkpointing (B/16 and L/16 at 224 px) and without (H/14, the row not yet measured;
   the full tables take a call of their own: ``python -m bench.throughput --memory_table``);
+* finetune_modes: ``bench.finetune_modes``, the step time and peak memory of --finetune full,
+  head and lora for B/16 and L/16 at 224 px (bf16, batch 64), with the estimate's largest
+  micro-batch in 24 GB;
 * train.py end to end on the real CIFAR subset, --pretrained_dir none: eager and compiled at
   the config's dropout and at dropout 0, the DataLoader-worker path, and torchrun with one
   process. Its images/s is the summary line's (steps after the first, evaluation excluded), set
@@ -98,6 +101,8 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
         ]  # fmt: skip
         workers = ["--data_on_device", "off", "--num_workers", "1"]
         precision, fp16 = ["--precision", "fp32"], ["--precision", "fp32"]  # fp16: CUDA only
+        modes = ["--device", "cpu", "--models", "testing", "--modes", "lora", "--img_size", "32",
+                 "--batch_size", "4", "--steps", "1"]  # fmt: skip
     else:
         bench = ["--device", "cuda:0", "--repeats", "2"]
         memory_rows = []
@@ -107,6 +112,7 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
         ]  # fmt: skip
         workers = ["--data_on_device", "off", "--num_workers", str(min(12, os.cpu_count() or 1))]
         precision, fp16 = ["--precision", "bf16"], ["--fp16"]
+        modes = ["--device", "cuda:0"]  # B/16 and L/16 at 224 px, bf16, batch 64
     peers = ["--peers", args.peers]
 
     def bench_part(name: str, *flags: str, limit: int) -> Part:
@@ -153,6 +159,18 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
             "--memory_table",
             *(memory_rows or ["--memory_rows", "ViT-H_14@224"]),
             limit=90,
+        ),  # fmt: skip
+        Part(
+            "finetune_modes",
+            [
+                *python,
+                "-m",
+                "bench.finetune_modes",
+                *modes,
+                "--json",
+                str(out / "finetune_modes.json"),
+            ],
+            240,
         ),  # fmt: skip
         train_part(
             "train_compiled_dropout0", *precision, *no_dropout, "--compile", limit=120, row="ours"
@@ -228,6 +246,11 @@ def report(parts: list[Part]) -> list[dict]:
             if step:
                 cells["fraction_of_bench_step"] = round(speed / step, 3)
                 against = f"{speed / step:.0%} of the model step ({step:.0f})"
+        elif part.name == "finetune_modes" and isinstance(part.output, list):
+            against = "; ".join(
+                f"{r['model']} {r['mode']} {r['images_per_s']:.0f}/s {r['peak_gib']:.1f} GiB"
+                for r in part.output
+            )
         elif part.name.startswith("memory") and part.output.get("memory_table"):
             table = part.output["memory_table"]["table"]
             against = "; ".join(

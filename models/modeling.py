@@ -128,6 +128,11 @@ class Attention(nn.Module):
         else:
             weight = torch.cat([linear.weight for linear in linears])
             y = F.linear(x, weight, torch.cat([linear.bias for linear in linears]))
+            deltas = [getattr(linear, "delta", None) for linear in linears]
+            if any(deltas):  # LoRA's low-rank branches (models/lora.py), each on its own slice
+                parts = y.split([linear.out_features for linear in linears], dim=-1)
+                pairs = zip(parts, deltas, strict=True)
+                y = torch.cat([part + delta(x) if delta else part for part, delta in pairs], dim=-1)
         B, N, _ = x.shape
         y = y.view(B, N, len(linears), self.num_attention_heads, self.attention_head_size)
         return y.permute(2, 0, 3, 1, 4)

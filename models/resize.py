@@ -10,6 +10,7 @@ import logging
 
 import torch
 
+from models.lora import is_lora
 from models.npz_io import CheckpointError, describe_keys, resize_pos_embed
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ def load_resized(
     ``zero_head=True``), as when fine-tuning on a new data set.
     """
     state = dict(state_dict)
-    own = model.state_dict()
+    # LoRA's adapters are not part of the format: they keep what they are (B = 0, a no-op)
+    own = {k: v for k, v in model.state_dict().items() if not is_lora(k)}
     if POSEMB in state and POSEMB in own and state[POSEMB].shape != own[POSEMB].shape:
         old, new = state[POSEMB], own[POSEMB]
         if old.shape[-1] == new.shape[-1]:
@@ -53,4 +55,4 @@ def load_resized(
             if keys:
                 parts.append(f"{len(keys)} {label}: {describe_keys(keys, 3)}")
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(parts))
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=len(own) == len(model.state_dict()))

@@ -18,7 +18,7 @@ def test_the_check_runs_every_part_and_writes_one_table(subset: Path, tmp_path: 
     rows = {row["part"]: row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == {
         "bench_eager", "train_eager", "train_eager_dropout0", "train_workers", "train_torchrun",
-        "memory", "memory_checkpointed", "bench_checkpointed",
+        "memory", "memory_checkpointed", "bench_checkpointed", "finetune_modes",
     }  # fmt: skip
     assert all(row["status"] == "ok" for row in rows.values()), rows
     for name in ("train_eager", "train_eager_dropout0", "train_workers", "train_torchrun"):

@@ -4,12 +4,17 @@ workers."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Callable
+
+import torch
 
 from utils.data.datasets import DataSplits
 from utils.data.device_batches import DeviceBatches, DeviceCopies, use_device_data
 from utils.data.loader import evaluation_batches
 from utils.data.loader import make_loader as worker_loader
+from utils.data.mixing import BatchMixing
 from utils.data.sampling import GlobalBatchSampler, shard_indices, unwrap_subset
 from utils.runtime import distributed as dist
 
@@ -32,6 +37,7 @@ class BatchSource:
         data_on_device: str,
         num_workers: int,
         eval_batch_size: int,
+        mixing: BatchMixing | None = None,
     ) -> None:
         self.ctx, self.seed, self.num_workers = ctx, seed, num_workers
         self.eval_batch_size, self.test_set = eval_batch_size, data.test
@@ -43,6 +49,9 @@ class BatchSource:
             len(data.train), global_batch, ctx.rank, ctx.world_size, seed, step
         )
         self.next_batch = self.training_batches(data.train, sampler)
+        if mixing is not None and mixing.active:  # pairs of the global batch, drawn per step
+            offset = ctx.rank * (global_batch // ctx.world_size)
+            self.next_batch = mixed(self.next_batch, mixing, step, offset, global_batch)
         self.select = self.eval_batches(data.select)
 
     def training_batches(self, train_set, sampler: GlobalBatchSampler):
@@ -77,3 +86,16 @@ class BatchSource:
     def test(self):
         """The test set's batches, or None when the selection set is the test set."""
         return self.test_set and self.eval_batches(self.test_set)
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def mixed(
+    next_batch: Callable[[], Batch], mixing: BatchMixing, step: int, offset: int, global_batch: int
+) -> Callable[[], Batch]:
+    """``next_batch`` with ``--mixup``/``--cutmix`` applied: the batch of step ``step + 1``
+    first, this process's images at global positions ``offset`` on, labels become
+    probabilities."""
+    steps = itertools.count(step + 1)
+    return lambda: mixing(*next_batch(), next(steps), offset, global_batch)

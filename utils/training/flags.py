@@ -18,6 +18,7 @@ import ml_collections
 
 from models.errors import UsageError
 from models.families import checked_config
+from models.lora import LORA_TARGETS
 from models.modeling_resnet import feature_grid, num_downsamples
 from utils.cli import (
     Help,
@@ -28,7 +29,9 @@ from utils.cli import (
     int64,
 )
 from utils.data.datasets import DATASETS
+from utils.data.mixing import BatchMixing
 from utils.runtime.distributed import elastic_restarts
+from utils.training.finetune import FINETUNE_MODES, WhatTrains, check_what_trains
 from utils.training.optimizer import OPTIMIZERS
 
 log = logging.getLogger("vit")
@@ -210,13 +213,74 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="global-norm clip (default: 1.0)",
     )
-    optimisation.add_argument(
+    regularisation = p.add_argument_group("regularisation and weight averaging")
+    regularisation.add_argument(
         "--label_smoothing",
         metavar="E",
         type=float,
         default=0.0,
         help="train on targets 1 - E for the label and E spread over all classes (cross_entropy's "
         "own label_smoothing); evaluation losses stay plain (default: 0)",
+    )
+    regularisation.add_argument(
+        "--mixup",
+        metavar="A",
+        type=float,
+        default=0.0,
+        help="mix pairs of images and their targets, lam ~ Beta(A, A); DeiT: 0.8 (default: off)",
+    )
+    regularisation.add_argument(
+        "--cutmix",
+        metavar="A",
+        type=float,
+        default=0.0,
+        help="paste a box of each pair's partner, Beta(A, A) sized; DeiT: 1.0 (default: off)",
+    )
+    regularisation.add_argument(
+        "--mixup_switch_prob",
+        metavar="P",
+        type=float,
+        default=0.5,
+        help="with both, the share of pairs cut-mixed (default: 0.5)",
+    )
+    regularisation.add_argument(
+        "--ema_decay",
+        metavar="D",
+        type=float,
+        default=None,
+        help="also score an exponential moving average of the weights (default: off)",
+    )
+
+    tuning = p.add_argument_group("what trains")
+    tuning.add_argument(
+        "--finetune",
+        choices=FINETUNE_MODES,
+        default="full",
+        help="full: every weight; head: the head alone; lora: adapters and the head, merged "
+        "when saved (default: full)",
+    )
+    tuning.add_argument(
+        "--freeze_blocks",
+        metavar="N",
+        type=int,
+        default=0,
+        help="with full: freeze the embeddings and N blocks (default: 0)",
+    )
+    tuning.add_argument(
+        "--lora_rank", metavar="R", type=int, default=8, help="LoRA's rank (default: 8)"
+    )
+    tuning.add_argument(
+        "--lora_alpha",
+        metavar="A",
+        type=float,
+        default=16.0,
+        help="LoRA's scale is A / rank (default: 16)",
+    )
+    tuning.add_argument(
+        "--lora_targets",
+        choices=LORA_TARGETS,
+        default="attn",
+        help="layers with adapters, attn: query, key, value, out (default: attn)",
     )
 
     schedule = p.add_argument_group("schedule")
@@ -362,8 +426,7 @@ def check_args(args: argparse.Namespace) -> None:
         check_warmup(args.warmup_steps, args.num_steps)
     if not 0 <= args.val_split < 1:
         raise UsageError(f"--val_split must be in [0, 1), got {args.val_split}")
-    if not 0 <= args.label_smoothing < 1:
-        raise UsageError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+    check_regularisation(args)
     if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
         raise UsageError(
             f"--layer_decay must be in (0, 1], got {args.layer_decay} (e.g. 0.75 for ViT-B/16)"
@@ -376,6 +439,7 @@ def check_args(args: argparse.Namespace) -> None:
     config = checked_config(args.model_type, args.config, args.img_size)  # a typo fails now
     if problem := size_problem(config, args.img_size):
         raise UsageError(problem)
+    check_what_trains(what_trains(args), config)
     if args.local_rank < -1:
         raise UsageError(f"--local_rank must be >= -1 (-1: not launched), got {args.local_rank}")
     if args.local_rank >= 0 and "RANK" not in os.environ:
@@ -389,6 +453,39 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--fp16 contradicts --precision {args.precision}; pass one of them")
     if args.loss_scale > 0 and not (args.fp16 or args.precision == "fp16"):
         raise UsageError("--loss_scale applies to float16 training only; add --fp16")
+
+
+def check_regularisation(args: argparse.Namespace) -> None:
+    """Mixing, label smoothing and the weight average: values that mean something."""
+    if not 0 <= args.label_smoothing < 1:
+        raise UsageError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+    for flag in ("mixup", "cutmix"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} must be >= 0 (0: off), got {getattr(args, flag)}")
+    if not 0 <= args.mixup_switch_prob <= 1:
+        raise UsageError(f"--mixup_switch_prob must be in [0, 1], got {args.mixup_switch_prob}")
+    if (args.mixup or args.cutmix) and args.train_batch_size % 2:
+        raise UsageError(
+            f"--mixup and --cutmix mix the images of a batch in pairs: pass an even "
+            f"--train_batch_size (got {args.train_batch_size})"
+        )
+    if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
+        raise UsageError(
+            f"--ema_decay must be in [0, 1), got {args.ema_decay} (e.g. 0.999 for a few "
+            "thousand steps)"
+        )
+
+
+def batch_mixing(args: argparse.Namespace, num_classes: int) -> BatchMixing:
+    """``--mixup`` and ``--cutmix`` of the training batches (``mixing.BatchMixing``)."""
+    return BatchMixing(num_classes, args.seed, args.mixup, args.cutmix, args.mixup_switch_prob)
+
+
+def what_trains(args: argparse.Namespace) -> WhatTrains:
+    """The parameters the run trains (``finetune.WhatTrains``), from its flags."""
+    return WhatTrains(
+        args.finetune, args.freeze_blocks, args.lora_rank, args.lora_alpha, args.lora_targets
+    )
 
 
 def size_problem(config: ml_collections.ConfigDict, img_size: int) -> str | None:

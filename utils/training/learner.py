@@ -15,6 +15,8 @@ from models.errors import UsageError, one_line
 from models.npz_io import CheckpointError
 from utils.runtime import distributed as dist
 from utils.runtime.rng import set_rng_state
+from utils.training.averaging import WeightAverage
+from utils.training.finetune import WhatTrains
 from utils.training.optimizer import LearningRate
 from utils.training.run_files import TrainingState, all_finite, read_weights
 
@@ -30,23 +32,37 @@ class Learner:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     lr: LearningRate
+    trains: WhatTrains = WhatTrains()  # what trains; a state saves only that
+    average: WeightAverage | None = None  # --ema_decay's average of the weights
+    frozen: str | None = None  # the digest of the frozen weights (``WhatTrains.frozen_digest``)
     step: int = 0  # optimizer updates done
     best_acc: float = 0.0
     best_step: int = 0
+    best_averaged: bool = False  # whether the best weights are the average's
     last_acc: float = float("nan")
+    last_averaged_acc: float = float("nan")
 
     def restore(self, state: TrainingState, ctx: dist.Context, seed: int) -> None:
         """Go on where ``state`` stopped: weights, momentum, loss scale, step, RNG."""
+        if state.frozen != self.frozen:
+            raise UsageError(
+                "the weights this run keeps frozen differ from those it was trained on (another "
+                "--pretrained_dir file, or the file changed): resume with the starting weights "
+                "it began from, or start again with --overwrite"
+            )
         try:
-            self.model.load_state_dict(state.model)
+            self.trains.load_saved(self.model, state.model)
             self.optimizer.load_state_dict(state.optimizer)
             self.scaler.load_state_dict(state.scaler)
+            if self.average is not None:
+                self.average.load_state_dict(state.average)
         except (RuntimeError, ValueError, KeyError, TypeError) as error:
             raise UsageError(
                 f"the training state does not fit the model it records ({one_line(error)}); "
                 "resume from another file, or start again with --overwrite"
             ) from None
         self.step, self.best_acc, self.best_step = state.step, state.best_acc, state.best_step
+        self.best_averaged = state.best_averaged
         if len(state.rng) == ctx.world_size:
             set_rng_state(state.rng[ctx.rank])
         else:  # the data stream depends on the global batch alone; dropout on each process
@@ -65,7 +81,8 @@ class Learner:
         """The training state to save: ``rngs`` of every process, ``flags`` as the run used
         them."""
         return TrainingState(
-            model=self.model.state_dict(),
+            model=self.trains.saved_weights(self.model),
+            frozen=self.frozen,
             optimizer=self.optimizer.state_dict(),
             scheduler={"last_epoch": self.step},  # the field earlier files' LambdaLR filled
             scaler=self.scaler.state_dict(),
@@ -73,6 +90,8 @@ class Learner:
             global_batch=flags["train_batch_size"] * len(rngs),
             best_acc=self.best_acc,
             best_step=self.best_step,
+            best_averaged=self.best_averaged,
+            average=self.average.state_dict() if self.average is not None else None,
             rng=rngs,
             args=flags,
             config=self.model.config.to_dict(),

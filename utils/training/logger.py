@@ -17,8 +17,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from models.errors import UsageError
+from utils.data.datasets import DataSplits
 from utils.files import WRITE_ERRNOS
 from utils.runtime import distributed as dist
+from utils.runtime.device import cpu_contention
 
 if TYPE_CHECKING:
     from utils.training.learner import Learner
@@ -311,3 +313,33 @@ class Meter:
         self.tick = time.perf_counter()
         reporter.check_written()  # at the same step on every process
         return values[-1][0]
+
+
+def open_reports(
+    flags: dict[str, Any],
+    ctx: dist.Context,
+    data: DataSplits,
+    global_batch: int,
+    precision: str,
+    events: Path,
+    start: str,
+    step: int,
+) -> Reporter:
+    """The set-up in one log line; TensorBoard (rank 0), with the command line as its first
+    text."""
+    micro = flags["gradient_accumulation_steps"]
+    log.info(
+        "%s on %s: %d process(es), global batch %d (%d per process in %d micro-batch%s of %d), "
+        "%s, %d steps, %d train / %d %s images%s",
+        flags["model_type"], ctx.device.type, ctx.world_size, global_batch,
+        flags["train_batch_size"], micro, "es" if micro > 1 else "",
+        flags["train_batch_size"] // micro, precision, flags["num_steps"], len(data.train),
+        len(data.select), data.select_name,
+        f" / {len(data.test)} test images" if data.test is not None else "",
+    )  # fmt: skip
+    if ctx.is_main and (busy := cpu_contention(ctx.device)):
+        log.warning(busy)
+    reporter = Reporter(events if ctx.is_main else None, flags["num_steps"], step,
+                        (micro, flags["train_batch_size"] // micro))  # fmt: skip
+    reporter.text("args", "  \n".join([start, *(f"{k}: {v}" for k, v in sorted(flags.items()))]))
+    return reporter

@@ -5,8 +5,10 @@ Autograd's saved tensors are counted with saved-tensor hooks on a forward pass o
 images (their difference is the per-image part). Two figures come of them:
 
 - ``needed``, what a step takes at its peak, to choose micro-batches with: 8 bytes per parameter
-  (gradient and momentum; the weights are already in place), the saved tensors, 5 % on top for
-  the backward pass's temporaries, and 1 GiB for the rest (allocator slack, the CUDA context).
+  that trains (gradient and momentum, or 12 with AdamW's two moments; the weights are already in
+  place; a frozen one has neither), a weight average's copy (``--ema_decay``), the saved tensors,
+  5 % on top for the backward pass's temporaries, and 1 GiB for the rest (allocator slack, the
+  CUDA context).
   It puts the largest micro-batch of the rows measured on an H200 (docs/PERFORMANCE.md, bf16)
   between 11 % below (ViT-L/16 at 224 px, 24 GB) and 3 % above (within the bench's steps of 8);
 - ``least``, what must exist when the forward pass ends (the momentum and every saved tensor),
@@ -46,6 +48,12 @@ MARGIN = GIB  # allocator slack, data-loader workers, the CUDA context's growth
 # step runs; running out there is the kernel's out-of-memory kill, with nothing saved.
 CPU_HEADROOM = (2 * GIB, 0.15)
 BACKWARD = 1.05  # the backward pass's temporaries, per saved byte (fitted to the H200 table)
+
+
+def averaged_bytes(model: nn.Module, averaging: bool) -> int:
+    """The bytes of a weight average's copy of ``model`` (``--ema_decay``), or 0."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) if averaging else 0
 
 
 def activation_bytes(
@@ -137,10 +145,12 @@ class StepMemory:
     per_step: int
     parameters: int
     optimizer_states: int = 1  # float32 values per parameter: SGD's momentum; AdamW's two moments
+    averaged: int = 0  # bytes of --ema_decay's copy of the weights
 
     def needed(self, micro_batch: int) -> int:
         """Bytes a step of ``micro_batch`` images takes at its peak, with room to spare."""
         fixed = 4 * (1 + self.optimizer_states) * self.parameters + self.per_step + MARGIN
+        fixed += self.averaged
         return fixed + math.ceil(BACKWARD * self.per_image * micro_batch)
 
     def least(self, micro_batch: int) -> int:
@@ -148,6 +158,7 @@ class StepMemory:
         and saved tensors. A step needs more than this, never less."""
         return (
             4 * self.optimizer_states * self.parameters
+            + self.averaged
             + self.per_step
             + self.per_image * micro_batch
         )
@@ -168,10 +179,13 @@ def measure_step(
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
     optimizer_states: int = 1,
+    averaged: int = 0,
 ) -> StepMemory:
+    """The step's memory; only the parameters that train have a gradient and optimizer state,
+    while ``averaged`` bytes (a weight average's copy) are kept beside."""
     per_image, per_step = activation_bytes(model, img_size, device, autocast)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return StepMemory(per_image, per_step, trainable, optimizer_states)
+    return StepMemory(per_image, per_step, trainable, optimizer_states, averaged)
 
 
 def fits_in_memory(attempt: Callable[[], None], model: nn.Module, device: torch.device) -> bool:
@@ -197,6 +211,7 @@ def trial_step_fits(
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
     optimizer_states: int = 1,
+    averaged: int = 0,
 ) -> bool:
     """Whether a forward and backward pass of ``micro_batch`` images runs without running out
     of memory, with room held for the optimizer's state. Leaves no gradient, no cached block
@@ -204,8 +219,8 @@ def trial_step_fits(
 
     def attempt() -> None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            size = optimizer_states * sum(p.numel() for p in model.parameters())
-            momentum = torch.empty(size, device=device)
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            momentum = torch.empty(optimizer_states * trained + averaged // 4, device=device)
             x = torch.randn(micro_batch, 3, img_size, img_size, device=device)
             labels = torch.zeros(micro_batch, dtype=torch.long, device=device)
             with autocast():
@@ -251,6 +266,7 @@ class StepToFit:
     precision: Precision
     grad_checkpointing: bool
     optimizer_states: int = 1  # float32 values per parameter (``optimizer.STATE_VALUES``)
+    averaged: int = 0  # bytes of --ema_decay's copy of the weights (``averaged_bytes``)
 
     @property
     def device(self) -> torch.device:
@@ -258,7 +274,7 @@ class StepToFit:
 
     def measure(self) -> StepMemory:
         return measure_step(self.model, self.img_size, self.device, self.precision.autocast,
-                            self.optimizer_states)  # fmt: skip
+                            self.optimizer_states, self.averaged)  # fmt: skip
 
     def fewest_micro_batches(self, step: StepMemory, resumed: int | None) -> int:
         """``--gradient_accumulation_steps auto``: the fewest micro-batches that fit, by trial
@@ -271,7 +287,8 @@ class StepToFit:
 
             def fits(micro: int) -> bool:
                 return trial_step_fits(self.model, micro, self.img_size, self.device,
-                                       self.precision.autocast, self.optimizer_states)  # fmt: skip
+                                       self.precision.autocast, self.optimizer_states,
+                                       self.averaged)  # fmt: skip
         else:
             available = available_bytes(self.device)
             kept = cpu_headroom(available)
@@ -349,7 +366,7 @@ class StepToFit:
             self.model.set_grad_checkpointing(checkpointing)
             autocast = Precision(name, self.device, 0).autocast
             step = measure_step(self.model, self.img_size, self.device, autocast,
-                                self.optimizer_states)  # fmt: skip
+                                self.optimizer_states, self.averaged)  # fmt: skip
             if n := step.fewest_micro_batches(batch, available):
                 switches = " ".join(
                     ([] if checkpointing == own[0] else ["--grad_checkpointing"])

@@ -126,7 +126,7 @@ def param_groups(
     parameters that take no weight decay get groups of their own with ``weight_decay`` 0.
     """
     named = list(model.named_parameters())
-    depth = 1 + max((int(m[1]) + 1 for n, _ in named if (m := _BLOCK.match(n))), default=0)
+    depth = top_layer(model)
     groups: dict[tuple[int | None, bool], dict[str, Any]] = {}
     for name, param in named:
         if not param.requires_grad:
@@ -142,6 +142,12 @@ def param_groups(
             groups[layer, decays] = group
         groups[layer, decays]["params"].append(param)
     return list(groups.values())
+
+
+def top_layer(model: torch.nn.Module) -> int:
+    """The layer of the final norm and the head: 1 + the number of blocks."""
+    blocks = (int(m[1]) + 1 for n, _ in model.named_parameters() if (m := _BLOCK.match(n)))
+    return 1 + max(blocks, default=0)
 
 
 def layer_of(name: str, depth: int) -> int:

@@ -45,7 +45,8 @@ DATA_FLAGS = ("seed", "val_split")
 # (The global batch and the precision are compared as the run used them, not as typed.)
 OPTIMIZATION_FLAGS = (
     "learning_rate", "weight_decay", "decay_type", "warmup_steps", "max_grad_norm", "hflip",
-    "loss_scale", "optimizer", "layer_decay", "label_smoothing",
+    "loss_scale", "optimizer", "layer_decay", "label_smoothing", "ema_decay", "mixup", "cutmix",
+    "mixup_switch_prob", "finetune", "freeze_blocks", "lora_rank", "lora_alpha", "lora_targets",
 )  # fmt: skip
 RESUME_FLAGS = (*MODEL_FLAGS, *DATA_FLAGS, *OPTIMIZATION_FLAGS)
 # Model-config fields added after files had been written, with the value those files used.
@@ -79,6 +80,13 @@ class TrainingState:
     # The last step of each learning-rate schedule: one, and one more for each time a finished
     # run was trained further (absent in older files: the one of args["num_steps"]).
     schedule: list[int] | None = None
+    # --ema_decay's averaged weights (``averaging.WeightAverage``), and whether the best weights
+    # were the average's; absent in files of runs without an average
+    average: dict[str, torch.Tensor] | None = None
+    best_averaged: bool = False
+    # a digest of the weights --finetune head|lora or --freeze_blocks kept frozen, which the
+    # state leaves out: a resume reloads them from the starting weights and checks them
+    frozen: str | None = None
 
     def write(self, path: Path) -> None:
         atomic_write(path, lambda f: torch.save(asdict(self), f))
@@ -494,6 +502,12 @@ def _load(path: Path, mmap: bool = False) -> object:
 
 def _weights_and_meta(obj: object, path: Path) -> tuple[Any, dict[str, Any]]:
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        if obj.get("frozen") is not None:  # a state of a run that froze weights holds the rest
+            best = path.with_name(path.name.replace("_last.pt", "_checkpoint.bin"))
+            raise CheckpointError(
+                f"checkpoint {path} holds only the weights its run trained (--finetune "
+                f"{obj['args'].get('finetune')}), for --resume; the whole model is in {best}"
+            )
         return obj["model"], {k: obj[k] for k in ("args", "config", "classes") if k in obj}
     if _is_weights(obj) and obj:
         return obj, _read_meta(path.with_suffix(".json"))

@@ -10,9 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from models.errors import UsageError
 from utils.runtime import distributed as dist
 from utils.runtime.rng import rng_state
+from utils.training.finetune import whole_weights
 from utils.training.learner import Learner
 from utils.training.logger import Meter, Reporter
 from utils.training.run_files import RunFiles, all_finite, write_error
@@ -43,10 +46,11 @@ class Saver:
         dist.from_main(lambda: state.write(self.files.last), self.ctx)
         self.kept = (self.files.last, learner.step)
 
-    def best(self, learner: Learner) -> None:
-        """The best weights, written by rank 0 (the only process that reads them back)."""
+    def best(self, learner: Learner, model: torch.nn.Module) -> None:
+        """``model``'s weights (the learner's or their average) as the best, whole and LoRA
+        merged, written by rank 0 (the only process that reads them back)."""
         self.check_weights(learner)
-        weights = learner.model.state_dict()
+        weights = whole_weights(model)
         config = learner.model.config.to_dict()
         save = lambda: self.files.save_best(weights, self.flags, config, self.classes)
         dist.from_main(save, self.ctx)

@@ -27,8 +27,9 @@ def train_step(
     abandoned, its gradients dropped and nothing applied, so that a stop waits for one
     micro-batch at most, not for a whole step.
 
-    With ``label_smoothing`` the loss is ``cross_entropy``'s smoothed one on the model's logits;
-    without, the model's own (the reference's ``model(x, labels)``), as before.
+    Labels are class indices, or class probabilities (``(B, classes)``, from ``--mixup`` or
+    ``--cutmix``). With ``label_smoothing`` or probabilities the loss is ``cross_entropy``'s on the
+    model's logits; otherwise the model's own (the reference's ``model(x, labels)``), as before.
 
     Gradients are all-reduced only on the last micro-batch (``no_sync`` of DDP, also through
     torch.compile's wrapper). Nothing here waits for the device: the returned values are
@@ -44,7 +45,7 @@ def train_step(
         last = i == accum - 1
         with nullcontext() if last or no_sync is None else no_sync():
             with precision.autocast():
-                if label_smoothing:
+                if label_smoothing or y.is_floating_point():  # smoothed or mixed targets
                     logits = model(x)[0]
                     loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing) / accum
                 else:
