@@ -48,6 +48,7 @@ MARGIN = GIB  # allocator slack, data-loader workers, the CUDA context's growth
 # step runs; running out there is the kernel's out-of-memory kill, with nothing saved.
 CPU_HEADROOM = (2 * GIB, 0.15)
 BACKWARD = 1.05  # the backward pass's temporaries, per saved byte (fitted to the H200 table)
+WORKING_SET = 3  # the largest layer output's bytes that a forward pass holds at once, at least
 
 
 def averaged_bytes(model: nn.Module, averaging: bool) -> int:
@@ -101,7 +102,35 @@ def activation_bytes(
         if block is not None:
             block_image, block_step = per_image_and_step(*block)
             per_image, per_step = per_image + block_image, per_step + block_step
+        # a model that keeps little for backward (frozen below the head) still holds an op's
+        # input, output and a temporary at once while the forward pass runs
+        per_image = max(per_image, WORKING_SET * largest_output(model, img_size, device, autocast))
     return per_image, per_step
+
+
+def largest_output(
+    model: nn.Module,
+    img_size: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+) -> int:
+    """The bytes of the largest output of any layer of ``model`` for one image."""
+    largest = 0
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+        nonlocal largest
+        for t in output if isinstance(output, tuple) else (output,):
+            if isinstance(t, torch.Tensor):
+                largest = max(largest, t.numel() * t.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad(), autocast():
+            model(torch.randn(1, 3, img_size, img_size, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return largest
 
 
 def available_bytes(device: torch.device) -> int:
