@@ -1,5 +1,5 @@
 """Which fine-tuning mode and optimizer reach which held-out accuracy in the same number of steps,
-from the same starting weights, on real CIFAR-10 images. CPU, about ten minutes on 2 cores:
+from the same starting weights, on real CIFAR-10 images. CPU, about 12 minutes on 2 cores:
 
 python -m bench.finetune_accuracy --subset ../shared/cifar10-subset --out /tmp/ft-accuracy
 
