@@ -114,6 +114,7 @@ def train(args: argparse.Namespace, ctx: dist.Context, stop: StopRequest) -> int
             raise failed from None
         finally:
             run.reporter.close_bar()  # an error's line below the bar, not glued to it
+            run.batches.close()  # the loader workers end now, not at the interpreter's exit
     finally:
         files.release()
 

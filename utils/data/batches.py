@@ -12,7 +12,7 @@ import torch
 
 from utils.data.datasets import DataSplits
 from utils.data.device_batches import DeviceBatches, DeviceCopies, use_device_data
-from utils.data.loader import evaluation_batches
+from utils.data.loader import WorkerLoader, evaluation_batches
 from utils.data.loader import make_loader as worker_loader
 from utils.data.mixing import BatchMixing
 from utils.data.sampling import GlobalBatchSampler, shard_indices, unwrap_subset
@@ -40,6 +40,7 @@ class BatchSource:
         mixing: BatchMixing | None = None,
     ) -> None:
         self.ctx, self.seed, self.num_workers = ctx, seed, num_workers
+        self.loaders: list[WorkerLoader] = []  # the ones with workers to end (``close``)
         self.eval_batch_size, self.test_set = eval_batch_size, data.test
         sets = [unwrap_subset(d)[0] for d in (data.train, data.select, data.test) if d]
         on_device = use_device_data(data_on_device, sets, ctx.device)
@@ -63,6 +64,7 @@ class BatchSource:
             loader = worker_loader(
                 train_set, self.num_workers, device, self.seed, batch_sampler=sampler
             )
+            self.loaders.append(loader)
             batches = iter(loader)
 
             def next_batch():
@@ -79,9 +81,17 @@ class BatchSource:
     def eval_batches(self, dataset):
         """This process's share of ``dataset``: every image is scored exactly once in all."""
         share = shard_indices(len(dataset), self.ctx.rank, self.ctx.world_size)
-        return evaluation_batches(
+        batches = evaluation_batches(
             dataset, share, self.eval_batch_size, self.num_workers, self.ctx.device, self.copies
         )
+        if isinstance(batches, WorkerLoader):
+            self.loaders.append(batches)
+        return batches
+
+    def close(self) -> None:
+        """End the worker processes of every loader this source started (``WorkerLoader.close``)."""
+        for loader in self.loaders:
+            loader.close()
 
     def test(self):
         """The test set's batches, or None when the selection set is the test set."""

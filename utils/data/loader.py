@@ -22,6 +22,16 @@ class WorkerLoader(DataLoader):
         with stop_signals_blocked():  # workers start here and inherit the block
             return super().__iter__()
 
+    def close(self) -> None:
+        """Stop the workers now. Left to the interpreter's exit, they would hang it: there
+        multiprocessing terminates its daemonic children with SIGTERM, which these ignore, and
+        then joins them for ever, whenever a reference cycle keeps the loader alive that long.
+        (DataLoader has no public way to end its workers; its iterator's shutdown is the one
+        its own ``__del__`` uses.)"""
+        iterator = getattr(self, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
 
 def make_loader(
     dataset: Dataset, num_workers: int, device: torch.device, seed: int = 0, **kwargs
