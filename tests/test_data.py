@@ -12,6 +12,8 @@ import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -690,3 +692,34 @@ def test_the_batch_advice_followed_trains(tmp_path: Path, capsys: pytest.Capture
         "--train_batch_size 20 or less"
     ]
     assert train_on(tmp_path, capsys, "--train_batch_size", "20") == (0, [])
+
+
+CYCLE_KEEPS_THE_LOADER = """
+import sys, torch
+from utils.data.loader import make_loader
+
+loader = make_loader(torch.arange(8.0), 1, torch.device("cpu"), batch_size=4)
+next(iter(loader))  # its worker runs, ignoring SIGTERM and SIGINT
+keeper = [loader]
+keeper.append(keeper)  # a reference cycle: only the cyclic collector would free the loader
+if sys.argv[1] == "close":
+    loader.close()
+"""
+
+
+def test_closed_loader_workers_let_the_interpreter_exit(tmp_path: Path) -> None:
+    """Workers that ignore the stop signals outlive a loader kept to the interpreter's exit,
+    where multiprocessing terminates them with SIGTERM and joins them: ``close`` ends them
+    first. Without it the process is still there 8 s later (for ever, in fact)."""
+    script = tmp_path / "cycle.py"
+    script.write_text(CYCLE_KEEPS_THE_LOADER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    closed = subprocess.run([sys.executable, str(script), "close"], env=env, timeout=120)
+    assert closed.returncode == 0
+    left = subprocess.Popen([sys.executable, str(script), "leave"], env=env)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            left.wait(timeout=8)
+    finally:
+        left.kill()
+        left.wait()
