@@ -53,7 +53,15 @@ def launch(folder: Path, args: list[str], nproc: int = 0, nohup: bool = False) -
     return subprocess.Popen(
         [*launcher, str(REPO / "train.py"), *args], cwd=folder, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=hangup_as_in_a_terminal,
     )  # fmt: skip
+
+
+def hangup_as_in_a_terminal() -> None:
+    """SIGHUP's default action in the run, as a shell in a terminal starts it, even when the
+    suite itself runs under nohup (which would pass "ignore" on, and the run honours that);
+    ``nohup=True`` sets it back to ignored, as the nohup command does."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def interrupt(run: subprocess.Popen, sig: int, at_step: int = 12, late: float = 0) -> str:
@@ -244,7 +252,9 @@ def test_a_closed_terminal_saves_and_exits_resumably(
     run = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
         stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,
-        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # its controlling terminal
+        preexec_fn=lambda: (  # its controlling terminal; SIGHUP as in a terminal
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0), hangup_as_in_a_terminal()
+        ),
     )  # fmt: skip
     os.close(terminal)
     shown, deadline = b"", time.monotonic() + 300
