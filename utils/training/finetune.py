@@ -18,7 +18,7 @@ import ml_collections
 import torch
 
 from models.errors import UsageError
-from models.lora import add_lora, is_lora, merged_state_dict
+from models.lora import add_lora, is_lora
 from utils.training.optimizer import layer_of, top_layer
 
 FINETUNE_MODES = ("full", "head", "lora")
@@ -74,22 +74,21 @@ class WhatTrains:
         weights = model.state_dict()
         if not self.partial:
             return weights
-        trained = {n for n, p in model.named_parameters() if p.requires_grad}
-        return {name: weights[name] for name in trained}
+        return {name: weights[name] for name in trained_names(model)}
 
     def load_saved(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
         """``saved_weights`` back into ``model``, whose frozen weights are already in place."""
         if not self.partial:
             model.load_state_dict(weights)
             return
-        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+        expected = set(trained_names(model))
         if set(weights) != expected:
             missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
             raise RuntimeError(f"trained weights missing {missing[:3]}, unexpected {extra[:3]}")
         model.load_state_dict(weights, strict=False)
 
     def load_whole(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-        """Whole weights in the plain format (``whole_weights``) into ``model``; under LoRA its
+        """Whole weights in the plain format (``merged_state_dict``) into ``model``; under LoRA its
         adapters are zeroed, since the weights hold them merged."""
         if self.mode != "lora":
             model.load_state_dict(weights)
@@ -115,9 +114,9 @@ class WhatTrains:
         return digest.hexdigest()
 
 
-def whole_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights in the plain format of ``<name>_checkpoint.bin``: LoRA merged in."""
-    return merged_state_dict(model)
+def trained_names(model: torch.nn.Module) -> list[str]:
+    """The names of the parameters that train, in the model's order."""
+    return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
 def check_what_trains(trains: WhatTrains, config: ml_collections.ConfigDict) -> None:

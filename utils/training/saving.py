@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from models.errors import UsageError
+from models.lora import merged_state_dict
 from utils.runtime import distributed as dist
 from utils.runtime.rng import rng_state
-from utils.training.finetune import whole_weights
 from utils.training.learner import Learner
 from utils.training.logger import Meter, Reporter
 from utils.training.run_files import RunFiles, all_finite, write_error
@@ -50,7 +50,7 @@ class Saver:
         """``model``'s weights (the learner's or their average) as the best, whole and LoRA
         merged, written by rank 0 (the only process that reads them back)."""
         self.check_weights(learner)
-        weights = whole_weights(model)
+        weights = merged_state_dict(model)  # the plain format, LoRA merged in
         config = learner.model.config.to_dict()
         save = lambda: self.files.save_best(weights, self.flags, config, self.classes)
         dist.from_main(save, self.ctx)
